@@ -1,0 +1,256 @@
+"""Model-only throughput on the standard mixed-length workload: what packing buys.
+
+For each dtype, useful tokens per second (real tokens; padding never counts) of
+  (a) ceiling: fixed-shape batches of 16 x 64 with no padding at all;
+  (b) padded:  length-sorted batches of <= BUDGET tokens, every sequence padded to the longest
+               of its batch (the padding is computed, not counted);
+  (c) packed:  the same batches packed, run through `Roberta.forward` with cu_seqlens.
+The three run interleaved, batch by batch, so that a noisy machine slows them alike; compare the
+ratios inside one run, not absolute figures across runs. Random weights (`random:SIZE` shapes):
+compute does not depend on the values.
+
+    python bench/bench_model.py [--quick] [--size base|tiny|large] [--dtypes float32,bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import logging
+import platform
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+try:
+    import roberta_server  # noqa: F401
+except ImportError:  # a source tree that was not pip-installed
+    sys.path.insert(0, str(HERE.parent / "server"))
+
+from roberta_server.model import SIZES, Roberta, cu_seqlens_of  # noqa: E402
+from workload import describe, length_sorted_batches, random_token_seqs, standard_lengths  # noqa: E402
+
+log = logging.getLogger("bench_model")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CEILING_BATCH, CEILING_LEN = 16, 64
+MODES = ("ceiling", "padded", "packed")
+LABELS = {
+    "ceiling": f"fixed {CEILING_BATCH}x{CEILING_LEN}, no padding (ceiling)",
+    "padded": "length-sorted, padded to longest",
+    "packed": "length-sorted, packed (cu_seqlens)",
+}
+
+
+@dataclass
+class Tally:
+    batches: int = 0
+    useful_tokens: int = 0
+    computed_tokens: int = 0
+    seconds: float = 0.0
+    times: list[float] = field(default_factory=list)
+
+    def add(self, seconds: float, useful: int, computed: int) -> None:
+        self.batches += 1
+        self.useful_tokens += useful
+        self.computed_tokens += computed
+        self.seconds += seconds
+        self.times.append(seconds)
+
+    @property
+    def useful_per_s(self) -> float:
+        return self.useful_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def padding(self) -> float:
+        return 1 - self.useful_tokens / self.computed_tokens if self.computed_tokens else 0.0
+
+
+class Runner:
+    """One model in one dtype on one device; each call runs one batch and returns its seconds."""
+
+    def __init__(self, model: Roberta, device: torch.device):
+        self.model = model
+        self.device = device
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def run(self, seqs: list[list[int]]) -> float:
+        """Packed forward of `seqs` (equal lengths: a plain dense batch)."""
+        lengths = [len(s) for s in seqs]
+        flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=self.device)
+        cu = cu_seqlens_of(lengths, self.device)
+        self._sync()
+        start = time.perf_counter()
+        self.model(flat, cu, max(lengths))
+        self._sync()
+        return time.perf_counter() - start
+
+
+def pad_to_longest(seqs: list[list[int]], pad: int = 1) -> list[list[int]]:
+    longest = max(len(s) for s in seqs)
+    return [s + [pad] * (longest - len(s)) for s in seqs]
+
+
+def bench_dtype(
+    runner: Runner, groups: list[list[list[int]]], ceiling: list[list[int]], seconds: float
+) -> dict[str, Tally]:
+    """Rounds of (ceiling batch, padded group, packed group) until `seconds` have been spent."""
+    tallies = {mode: Tally() for mode in MODES}
+    ceiling_tokens = CEILING_BATCH * CEILING_LEN
+    # Warm-up: first calls allocate and pick kernels.
+    runner.run(ceiling)
+    runner.run(groups[0][:8])
+    started = time.perf_counter()
+    for i in itertools.count():
+        group = groups[i % len(groups)]  # cycles when the workload runs out before the time
+        tallies["ceiling"].add(runner.run(ceiling), ceiling_tokens, ceiling_tokens)
+        padded = pad_to_longest(group)
+        useful = sum(len(s) for s in group)
+        tallies["padded"].add(runner.run(padded), useful, len(padded) * len(padded[0]))
+        tallies["packed"].add(runner.run(group), useful, useful)
+        log.debug("round %d: %d sequences, %d useful tokens", i, len(group), useful)
+        if time.perf_counter() - started >= seconds:
+            break
+    return tallies
+
+
+def print_table(rows: list[dict], ratios: dict[str, dict[str, float]]) -> None:
+    header = (
+        f"{'dtype':9} {'mode':40} {'useful tok/s':>12} {'computed/s':>11} {'padding':>8} "
+        f"{'batches':>8} {'seconds':>8} {'vs ceiling':>10}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(
+            f"{r['dtype']:9} {LABELS[r['mode']]:40} {r['useful_tokens_per_s']:12.0f} "
+            f"{r['computed_tokens_per_s']:11.0f} {r['padding'] * 100:7.1f}% {r['batches']:8d} "
+            f"{r['seconds']:8.2f} {ratios[r['dtype']][r['mode']]:10.2f}"
+        )
+    for dtype, ratio in ratios.items():
+        print(
+            f"{dtype}: packed/ceiling {ratio['packed']:.2f}, padded/ceiling {ratio['padded']:.2f}, "
+            f"packed/padded {ratio['packed'] / ratio['padded']:.2f}"
+        )
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a few seconds per dtype (a smoke run)")
+    p.add_argument("--size", choices=sorted(SIZES), default="base", help="model shapes")
+    p.add_argument(
+        "--dtypes", default="float32,bfloat16", help="comma-separated: " + ",".join(DTYPES)
+    )
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--budget", type=int, default=2048, help="tokens per padded batch")
+    p.add_argument("--seconds", type=float, help="time per dtype (default 30, --quick 4)")
+    p.add_argument("--sequences", type=int, default=2000, help="size of the standard mix drawn")
+    p.add_argument("--seed", type=int, default=0, help="workload seed (0: the standard mix)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: PyTorch's)")
+    p.add_argument("--out", type=Path, default=HERE / "results" / "model.json")
+    p.add_argument("-v", "--verbose", action="store_true")
+    args = p.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown:
+        p.error(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
+    if args.seconds is None:
+        args.seconds = 4.0 if args.quick else 30.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+
+    lengths = standard_lengths(args.sequences, args.seed)
+    seqs = random_token_seqs(lengths, args.seed)
+    groups = [[seqs[i] for i in g] for g in length_sorted_batches(lengths, args.budget)]
+    random.Random(args.seed).shuffle(groups)  # early stopping still samples the whole mix
+    ceiling = random_token_seqs([CEILING_LEN] * CEILING_BATCH, args.seed + 1)
+    log.info(
+        "workload: %s in %d batches of <= %d tokens", describe(lengths), len(groups), args.budget
+    )
+
+    cfg = SIZES[args.size]
+    started = time.perf_counter()
+    model = Roberta(cfg, with_lm_head=False)
+    model.init_random(0)
+    model.eval()
+    log.info("random:%s shapes built in %.1f s", args.size, time.perf_counter() - started)
+
+    rows, ratios = [], {}
+    for name in args.dtypes:
+        runner = Runner(model.to(device=device, dtype=DTYPES[name]), device)
+        log.info("%s: measuring for ~%.0f s", name, args.seconds)
+        tallies = bench_dtype(runner, groups, ceiling, args.seconds)
+        ceiling_rate = tallies["ceiling"].useful_per_s
+        ratios[name] = {m: t.useful_per_s / ceiling_rate for m, t in tallies.items()}
+        for mode, t in tallies.items():
+            rows.append(
+                {
+                    "dtype": name,
+                    "mode": mode,
+                    "useful_tokens_per_s": t.useful_per_s,
+                    "computed_tokens_per_s": t.computed_tokens / t.seconds,
+                    "padding": t.padding,
+                    **{k: v for k, v in asdict(t).items() if k != "times"},
+                    "median_batch_s": sorted(t.times)[len(t.times) // 2],
+                }
+            )
+
+    print()
+    print(
+        f"RoBERTa-{args.size} shapes ({cfg.num_layers} layers, {cfg.hidden_size} hidden, "
+        f"{cfg.num_heads} heads), {device}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}{', quick' if args.quick else ''}"
+    )
+    print_table(rows, ratios)
+
+    result = {
+        "benchmark": "model",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": {
+            "size": args.size,
+            "model": asdict(cfg),
+            "device": str(device),
+            "dtypes": args.dtypes,
+            "quick": args.quick,
+            "seconds_per_dtype": args.seconds,
+            "budget_tokens": args.budget,
+            "ceiling_shape": [CEILING_BATCH, CEILING_LEN],
+            "workload": describe(lengths) | {"seed": args.seed, "batches": len(groups)},
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+            "processor": platform.processor(),
+        },
+        "results": rows,
+        "ratios_vs_ceiling": ratios,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    log.info("wrote %s", args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,85 @@
+"""Server configuration: one dataclass, turned into command-line flags that also read ROBERTA_* env.
+
+Each field becomes `--field-name`, whose default comes from `ROBERTA_FIELD_NAME` when that is set,
+else from the dataclass. The field's `help` metadata is the flag's help text (and the README table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+
+
+def _opt(default: object, help: str, **kw: object) -> typing.Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class ServerConfig:
+    model: str = _opt("roberta.base", "model name, checkpoint path or random:tiny|base|large")
+    device: str = _opt("auto", "cuda, cuda:N, cpu, or auto (cuda when available)")
+    dtype: str = _opt(
+        "auto", "float32, bfloat16, float16, or auto (bfloat16 on CUDA, float32 on CPU)"
+    )
+    host: str = _opt("0.0.0.0", "address the gRPC server binds")
+    port: int = _opt(50051, "gRPC port (0 picks a free port, logged at start)")
+    metrics_host: str = _opt("0.0.0.0", "address of the Prometheus /metrics listener")
+    metrics_port: int = _opt(9090, "Prometheus port (0 picks a free one; -1 disables it)")
+    max_batch_tokens: int = _opt(
+        0, "token budget of one forward batch (0: 16384 on CUDA, 2048 on CPU)"
+    )
+    max_batch_size: int = _opt(0, "most sequences in one forward batch (0: 256 CUDA, 64 CPU)")
+    max_queue_delay_ms: float = _opt(0.0, "wait this long for a batch to fill when idle")
+    lookahead: int = _opt(1024, "queued items considered when grouping by length")
+    max_items_per_request: int = _opt(1024, "most items in one request")
+    max_message_bytes: int = _opt(64 << 20, "largest gRPC message received or sent")
+    max_queued_tokens: int = _opt(1 << 20, "queued tokens beyond which requests are refused")
+    max_concurrent_rpcs: int = _opt(4096, "RPCs handled at once; more get RESOURCE_EXHAUSTED")
+    tokenizer_threads: int = _opt(2, "threads that tokenize requests")
+    shutdown_grace: float = _opt(30.0, "seconds queued work may take to finish on SIGTERM")
+    log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
+    log_format: str = _opt("json", "json (one object per line) or text")
+
+    def resolved(self, device_type: str) -> ServerConfig:
+        """Fill the device-dependent defaults."""
+        cuda = device_type == "cuda"
+        return dataclasses.replace(
+            self,
+            max_batch_tokens=self.max_batch_tokens or (16384 if cuda else 2048),
+            max_batch_size=self.max_batch_size or (256 if cuda else 64),
+        )
+
+
+def env_name(field_name: str) -> str:
+    return "ROBERTA_" + field_name.upper()
+
+
+def _parse_bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"not a boolean: {text!r}")
+
+
+def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add one flag per dataclass field; ROBERTA_<FIELD> overrides the default."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        convert = _parse_bool if kind is bool else kind
+        env = os.environ.get(env_name(f.name))
+        try:
+            default = f.default if env is None else convert(env)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{env_name(f.name)}={env!r}: {exc}")
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata.get('help', '')} [env {env_name(f.name)}; default {default}]"
+        parser.add_argument(flag, type=convert, default=default, help=help_text, dest=f.name)
+
+
+def config_from_args(args: argparse.Namespace, cls: type) -> typing.Any:
+    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})

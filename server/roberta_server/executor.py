@@ -1,0 +1,195 @@
+"""Execution: one thread owns the device and runs batches, one at a time, in the order given.
+
+A batch is packed into one [N] token tensor, run through the encoder once, and every item's output
+is cut from the result: feature slices, pooled vectors, head logits and fill-mask candidates are
+each gathered for the whole batch and copied to the host in one transfer. When a forward pass fails
+(out of memory on a big batch, say), the batch is split in halves and retried, so in the end only
+the items that fail alone fail.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .batch import (
+    Batch,
+    BatchResult,
+    Classification,
+    ClassifySpec,
+    Features,
+    FeatureSpec,
+    FillMask,
+    FillMaskSpec,
+    Item,
+    Output,
+)
+from .hub import RobertaHub, fill_mask_candidates
+from .model import cu_seqlens_of, varlen_attn
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
+    """Host array in the wire dtype; bfloat16 travels as its raw 16 bits (numpy has no bf16)."""
+    t = t.to(_TORCH_DTYPES[dtype])
+    if dtype == "bfloat16":
+        t = t.view(torch.int16)
+    arr = t.cpu().numpy()
+    return arr.view(np.uint16) if dtype == "bfloat16" else arr
+
+
+class Executor:
+    """Runs batches on a single device thread; `submit` returns a future of the BatchResult."""
+
+    def __init__(self, hub: RobertaHub):
+        self.hub = hub
+        self.model = hub.model
+        self.device = hub.device
+        # Packed varlen attention costs the sum of lengths; the padded fallback costs B x longest.
+        self.varlen = self.device.type == "cuda" and varlen_attn is not None
+        self.varlen = self.varlen and hub.dtype != torch.float32
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roberta-device")
+        self._thread_ident: int | None = None
+        # Test hook: called with each batch before its forward pass, to inject faults.
+        self.fault_injector: Callable[[list[Item]], None] | None = None
+
+    def submit(self, batch: Batch) -> Future[BatchResult]:
+        return self._pool.submit(self.run_batch, batch)
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the device thread between batches (e.g. to add a head)."""
+        return self._pool.submit(fn)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=False)
+
+    def computed_tokens(self, lengths: list[int]) -> int:
+        return sum(lengths) if self.varlen else len(lengths) * max(lengths)
+
+    # ---- on the device thread
+
+    def run_batch(self, batch: Batch) -> BatchResult:
+        self._thread_ident = threading.get_ident()
+        started = time.monotonic()
+        outputs = self._run_or_split(batch.items)
+        lengths = [len(it.ids) for it in batch.items]
+        return BatchResult(
+            outputs, started, time.monotonic() - started, self.computed_tokens(lengths)
+        )
+
+    def _run_or_split(self, items: list[Item]) -> list[Output | Exception]:
+        try:
+            return self._forward(items)
+        except Exception as exc:  # any failure of the pass: isolate the items that cause it
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if len(items) == 1:
+                log.warning("item of %d tokens failed: %r", len(items[0].ids), exc)
+                return [exc]
+            log.warning("batch of %d items failed (%r); retrying in halves", len(items), exc)
+            half = len(items) // 2
+            return self._run_or_split(items[:half]) + self._run_or_split(items[half:])
+
+    @torch.inference_mode()
+    def _forward(self, items: list[Item]) -> list[Output | Exception]:
+        if self.fault_injector is not None:
+            self.fault_injector(items)
+        lengths = [len(it.ids) for it in items]
+        flat = torch.tensor([t for it in items for t in it.ids], dtype=torch.long)
+        cu = cu_seqlens_of(lengths)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+            cu = cu.pin_memory().to(self.device, non_blocking=True)
+        keep = {
+            layer for it in items if isinstance(it.spec, FeatureSpec) for layer in it.spec.layers
+        }
+        hidden = self.model(flat, cu, max(lengths), keep)
+        starts = [0]
+        for n in lengths:
+            starts.append(starts[-1] + n)
+        outputs: list[Output | Exception | None] = [None] * len(items)
+        self._features(items, hidden, starts, outputs)
+        self._classify(items, hidden, starts, outputs)
+        self._fill_mask(items, hidden, starts, outputs)
+        return outputs  # type: ignore[return-value]
+
+    def _features(self, items, hidden, starts, outputs) -> None:
+        groups: dict[FeatureSpec, list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            if isinstance(it.spec, FeatureSpec):
+                groups[it.spec].append(i)
+        for spec, idx in groups.items():
+            if spec.pooling == "none":
+                rows = torch.cat([torch.arange(starts[i], starts[i + 1]) for i in idx])
+                rows = rows.to(self.device)
+                stacked = torch.stack(
+                    [hidden[layer].index_select(0, rows) for layer in spec.layers]
+                )
+                host = _to_numpy(stacked, spec.dtype)  # [layers, sum T, H]
+                offset = 0
+                for i in idx:
+                    n = starts[i + 1] - starts[i]
+                    arr = np.ascontiguousarray(host[:, offset : offset + n])
+                    outputs[i] = Features(arr, spec.layers, spec.dtype)
+                    offset += n
+                continue
+            if spec.pooling == "cls":
+                rows = torch.tensor([starts[i] for i in idx], device=self.device)
+                pooled = [hidden[layer].index_select(0, rows) for layer in spec.layers]
+            else:  # mean over the real tokens, accumulated in float32
+                pooled = [
+                    torch.stack(
+                        [hidden[layer][starts[i] : starts[i + 1]].float().mean(0) for i in idx]
+                    )
+                    for layer in spec.layers
+                ]
+            host = _to_numpy(torch.stack(pooled, dim=1), spec.dtype)  # [items, layers, H]
+            for j, i in enumerate(idx):
+                outputs[i] = Features(host[j], spec.layers, spec.dtype)
+
+    def _classify(self, items, hidden, starts, outputs) -> None:
+        groups: dict[str, list[int]] = defaultdict(list)
+        for i, it in enumerate(items):
+            if isinstance(it.spec, ClassifySpec):
+                groups[it.spec.head].append(i)
+        last = hidden[self.model.cfg.num_layers]
+        for head, idx in groups.items():
+            module = self.model.heads[head] if head in self.model.heads else None
+            if module is None:  # removed between validation and execution
+                for i in idx:
+                    outputs[i] = KeyError(f"unknown classification head {head!r}")
+                continue
+            cls = last.index_select(0, torch.tensor([starts[i] for i in idx], device=self.device))
+            logits = module(cls).float().cpu().numpy()
+            for j, i in enumerate(idx):
+                outputs[i] = Classification(logits[j])
+
+    def _fill_mask(self, items, hidden, starts, outputs) -> None:
+        idx = [i for i, it in enumerate(items) if isinstance(it.spec, FillMaskSpec)]
+        if not idx:
+            return
+        last = hidden[self.model.cfg.num_layers]
+        rows = torch.tensor([starts[i] + items[i].spec.position for i in idx], device=self.device)
+        probs = F.softmax(self.model.lm_logits(last.index_select(0, rows)).float(), dim=-1)
+        k = max(items[i].spec.topk for i in idx)
+        values, index = probs.topk(min(k, probs.shape[-1]), dim=-1)
+        values, index = values.cpu(), index.cpu()
+        for j, i in enumerate(idx):
+            spec = items[i].spec
+            values_i, index_i = values[j, : spec.topk].tolist(), index[j, : spec.topk].tolist()
+            outputs[i] = FillMask(
+                fill_mask_candidates(self.hub.tokenizer, spec.masked_input, values_i, index_i)
+            )

@@ -1,0 +1,298 @@
+"""Scheduling: the item queue, batch formation, priorities, deadlines and cancellation.
+
+Requests are split into items (one sequence each) that wait in a queue per priority class. When
+the executor can take another batch, one is formed at once (no timer runs while work is queued):
+
+* its *anchor* is the oldest waiting item of the most urgent class, so every item is in the first
+  batch formed after the items ahead of it in its class have gone: nothing starves;
+* the rest are the items closest in length to the anchor within a bounded look-ahead window, added
+  while the batch stays within `max_batch_size` items and `max_batch_tokens` computed tokens
+  (sum of lengths with varlen attention, items x longest when attention is padded). Interactive
+  items come first; bulk items fill what is left.
+
+Items whose request was cancelled or whose deadline passed are dropped before they reach the model.
+Outputs go back to each request's future; one request's items may span several batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from .batch import Batch, BatchResult, Item, Output
+from .errors import TooLarge
+from .metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+INTERACTIVE, BULK = 0, 1
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_tokens: int = 4096
+    max_batch_size: int = 64
+    # Wait up to this long for a batch to fill while the model is idle; 0 = never wait.
+    max_queue_delay_ms: float = 0.0
+    # How many waiting items batch formation looks at when grouping by length.
+    lookahead: int = 1024
+    # Batches handed to the executor before the previous ones finish. 1 forms each batch at the
+    # last moment (best grouping when batches are long, as on a CPU); 2 lets the device thread
+    # start the next batch without waiting for the event loop (GPU).
+    pipeline_depth: int = 1
+    # Admission: waiting tokens beyond which unary requests are refused with RESOURCE_EXHAUSTED.
+    max_queued_tokens: int = 1 << 20
+
+
+@dataclass
+class Ticket:
+    """A request's items in flight: collects their outputs and timings."""
+
+    size: int
+    future: asyncio.Future
+    priority: int = INTERACTIVE
+    deadline: float | None = None  # time.monotonic() after which unstarted items are dropped
+    outputs: list[Output | Exception | None] = field(default_factory=list)
+    remaining: int = 0
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+    batches: set[int] = field(default_factory=set)
+    # Streams get each item's output as it arrives instead of one result at the end.
+    on_output: Callable[[int, Output | Exception], None] | None = None
+
+    def __post_init__(self) -> None:
+        self.outputs = [None] * self.size
+        self.remaining = self.size
+
+    @property
+    def abandoned(self) -> bool:
+        return self.future.done()
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now > self.deadline
+
+
+class DeadlineExceeded(Exception):
+    """The item's deadline passed before it reached the model."""
+
+
+class Scheduler:
+    """Forms batches from queued items and hands them to `submit_batch` (the executor)."""
+
+    def __init__(
+        self,
+        cfg: SchedulerConfig,
+        submit_batch: Callable[[Batch], Future[BatchResult]],
+        cost: Callable[[list[int]], int],
+        metrics: Metrics,
+    ):
+        self.cfg = cfg
+        self._submit_batch = submit_batch
+        self._cost = cost
+        self._metrics = metrics
+        self._queues: tuple[list[Item], list[Item]] = ([], [])
+        self._queued_tokens = 0
+        self._in_flight = 0
+        self._wakeup = asyncio.Event()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._task: asyncio.Task | None = None
+        self.dropped = 0
+
+    # ---- producer side
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="scheduler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    @property
+    def queued_items(self) -> int:
+        return len(self._queues[0]) + len(self._queues[1])
+
+    @property
+    def queued_tokens(self) -> int:
+        return self._queued_tokens
+
+    def enqueue(self, items: list[Item], ticket: Ticket, admit: bool = True) -> None:
+        """Queue a request's items; with `admit`, refuse them when the queue is already full."""
+        tokens = sum(len(it.ids) for it in items)
+        if (
+            admit
+            and self._queued_tokens
+            and self._queued_tokens + tokens > self.cfg.max_queued_tokens
+        ):
+            raise TooLarge(
+                f"server overloaded: {self._queued_tokens} tokens already queued "
+                f"(limit {self.cfg.max_queued_tokens}); retry later"
+            )
+        now = time.monotonic()
+        for i, it in enumerate(items):
+            it.owner, it.index, it.enqueued = ticket, i, now
+        self._queues[ticket.priority].extend(items)
+        self._queued_tokens += tokens
+        self._update_gauges()
+        self._idle.clear()
+        self._wakeup.set()
+
+    async def run_items(
+        self, items: list[Item], priority: int = INTERACTIVE, deadline: float | None = None
+    ) -> Ticket:
+        """Queue items and wait for all their outputs (in `ticket.outputs`, in order)."""
+        ticket = Ticket(len(items), asyncio.get_running_loop().create_future(), priority, deadline)
+        if not items:
+            return ticket
+        self.enqueue(items, ticket)
+        try:
+            await ticket.future
+        except asyncio.CancelledError:
+            # The caller went away: its queued items are skipped when batches are formed.
+            if not ticket.future.done():
+                ticket.future.cancel()
+            self._wakeup.set()
+            raise
+        return ticket
+
+    async def wait_idle(self) -> None:
+        """Until the queue is empty and no batch is running."""
+        await self._idle.wait()
+
+    # ---- batch formation
+
+    def _update_gauges(self) -> None:
+        self._metrics.queue_items.set(self.queued_items)
+        self._metrics.queue_tokens.set(self._queued_tokens)
+
+    def _drop_dead(self) -> None:
+        """Remove items whose request is gone or whose deadline passed."""
+        now = time.monotonic()
+        for q in self._queues:
+            if not any(it.owner.abandoned or it.owner.expired(now) for it in q):
+                continue
+            keep = []
+            for it in q:
+                ticket: Ticket = it.owner
+                if ticket.abandoned:
+                    self._dropped(it, "cancelled")
+                elif ticket.expired(now):
+                    self._dropped(it, "deadline")
+                    self._deliver(it, DeadlineExceeded("deadline exceeded before compute"), None)
+                else:
+                    keep.append(it)
+            q[:] = keep
+
+    def _dropped(self, item: Item, reason: str) -> None:
+        self._queued_tokens -= len(item.ids)
+        self.dropped += 1
+        self._metrics.items_dropped.labels(reason).inc()
+
+    def _form_batch(self) -> Batch | None:
+        self._drop_dead()
+        anchor_q = self._queues[INTERACTIVE] or self._queues[BULK]
+        if not anchor_q:
+            return None
+        anchor = anchor_q[0]
+        chosen = [anchor]
+        chosen_ids = {id(anchor)}
+        lengths = [len(anchor.ids)]
+        for q in self._queues:
+            if len(chosen) >= self.cfg.max_batch_size:
+                break
+            window = q[: self.cfg.lookahead]
+            by_closeness = sorted(
+                (it for it in window if id(it) not in chosen_ids),
+                key=lambda it: abs(len(it.ids) - len(anchor.ids)),
+            )
+            for it in by_closeness:
+                if self._cost(lengths + [len(it.ids)]) > self.cfg.max_batch_tokens:
+                    continue
+                chosen.append(it)
+                chosen_ids.add(id(it))
+                lengths.append(len(it.ids))
+                if len(chosen) >= self.cfg.max_batch_size:
+                    break
+        for i, q in enumerate(self._queues):
+            if any(id(it) in chosen_ids for it in q[: self.cfg.lookahead]):
+                self._queues[i][:] = [it for it in q if id(it) not in chosen_ids]
+        self._queued_tokens -= sum(lengths)
+        self._update_gauges()
+        return Batch(chosen)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            if not self.queued_items or self._in_flight >= self.cfg.pipeline_depth:
+                if not self.queued_items and not self._in_flight:
+                    self._idle.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            if self.cfg.max_queue_delay_ms > 0 and not self._in_flight:
+                oldest = min(q[0].enqueued for q in self._queues if q)
+                wait = oldest + self.cfg.max_queue_delay_ms / 1000 - time.monotonic()
+                if wait > 0 and self._queued_tokens < self.cfg.max_batch_tokens:
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    except TimeoutError:
+                        pass
+                    else:
+                        continue
+            batch = self._form_batch()
+            if batch is None:
+                continue
+            self._in_flight += 1
+            future = self._submit_batch(batch)
+            future.add_done_callback(
+                lambda f, b=batch: loop.call_soon_threadsafe(self._complete, b, f)
+            )
+
+    # ---- completion (on the event loop)
+
+    def _complete(self, batch: Batch, future: Future[BatchResult]) -> None:
+        self._in_flight -= 1
+        self._wakeup.set()
+        try:
+            result = future.result()
+        except Exception as exc:  # the executor itself failed: every item gets the error
+            log.exception("batch of %d items failed", len(batch.items))
+            for it in batch.items:
+                self._deliver(it, exc, None)
+            return
+        m = self._metrics
+        real = batch.num_tokens
+        m.batches.inc()
+        m.batch_items.observe(len(batch.items))
+        m.batch_tokens.observe(real)
+        m.real_tokens.inc(real)
+        m.computed_tokens.inc(result.computed_tokens)
+        m.packing.observe(real / result.computed_tokens)
+        m.inference_seconds.observe(result.seconds)
+        for it, out in zip(batch.items, result.outputs, strict=True):
+            m.queue_seconds.observe(result.started - it.enqueued)
+            if isinstance(out, Exception):
+                m.item_failures.inc()
+            self._deliver(it, out, result)
+
+    def _deliver(self, item: Item, out: Output | Exception, result: BatchResult | None) -> None:
+        ticket: Ticket = item.owner
+        if ticket.abandoned:
+            return
+        if result is not None:
+            ticket.queue_seconds = max(ticket.queue_seconds, result.started - item.enqueued)
+            if id(result) not in ticket.batches:
+                ticket.batches.add(id(result))
+                ticket.inference_seconds += result.seconds
+        ticket.outputs[item.index] = out
+        ticket.remaining -= 1
+        if ticket.on_output is not None:
+            ticket.on_output(item.index, out)
+        if ticket.remaining == 0:
+            ticket.future.set_result(None)

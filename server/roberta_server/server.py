@@ -1,0 +1,127 @@
+"""The server process: gRPC listener, health and reflection, metrics, model loading, shutdown.
+
+Start-up order: metrics and the gRPC port come up first with health NOT_SERVING (so orchestrators
+can watch the model load), then the model is loaded and warmed up off the event loop, and only
+then does health turn SERVING. On SIGTERM/SIGINT health turns NOT_SERVING, new RPCs get
+UNAVAILABLE, queued work gets `shutdown_grace` seconds to finish, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection
+from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
+from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
+
+from . import __version__
+from .config import ServerConfig
+from .hub import RobertaHub, load
+from .metrics import Metrics
+from .service import RobertaService
+from .servicer import RobertaServicer
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Roberta"].full_name
+
+
+def channel_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    return [
+        ("grpc.max_send_message_length", cfg.max_message_bytes),
+        ("grpc.max_receive_message_length", cfg.max_message_bytes),
+    ]
+
+
+def validate(cfg: ServerConfig, hub: RobertaHub) -> None:
+    """Refuse configurations under which some valid request could never be scheduled."""
+    if cfg.max_batch_tokens < hub.model.cfg.max_positions:
+        raise SystemExit(
+            f"--max-batch-tokens {cfg.max_batch_tokens} is below the model's maximum sequence "
+            f"length {hub.model.cfg.max_positions}: a long input could never be scheduled"
+        )
+    if cfg.max_batch_size < 1 or cfg.max_items_per_request < 1 or cfg.lookahead < 1:
+        raise SystemExit("--max-batch-size, --max-items-per-request and --lookahead must be >= 1")
+    if cfg.max_queued_tokens < hub.model.cfg.max_positions:
+        raise SystemExit("--max-queued-tokens must be at least the maximum sequence length")
+
+
+async def serve(cfg: ServerConfig) -> int:
+    metrics = Metrics()
+    if cfg.metrics_port >= 0:
+        port = metrics.serve(cfg.metrics_host, cfg.metrics_port)
+        log.info(
+            "metrics listening", extra={"metrics_host": cfg.metrics_host, "metrics_port": port}
+        )
+
+    server = grpc.aio.server(
+        options=channel_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs
+    )
+    health = health_aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME),
+        server,
+    )  # fmt: skip
+    servicer = RobertaServicer(metrics, pb.ServerLimits())
+    roberta_pb2_grpc.add_RobertaServicer_to_server(servicer, server)
+    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    await server.start()
+    log.info("grpc listening", extra={"host": cfg.host, "port": port})
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    load_task = loop.run_in_executor(None, load, cfg.model, cfg.device, cfg.dtype)
+    done, _ = await asyncio.wait(
+        [load_task, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED
+    )
+    if load_task not in done:
+        log.info("stopped while loading the model")
+        await server.stop(0)
+        metrics.close()
+        return 0
+    hub = load_task.result()
+    cfg = cfg.resolved(hub.device.type)
+    validate(cfg, hub)
+    service = RobertaService(hub, cfg, metrics)
+    await service.start()
+    servicer.limits.CopyFrom(
+        pb.ServerLimits(
+            max_batch_tokens=cfg.max_batch_tokens,
+            max_batch_size=cfg.max_batch_size,
+            max_items_per_request=cfg.max_items_per_request,
+            max_message_bytes=cfg.max_message_bytes,
+        )
+    )
+    servicer.service = service
+    info = service.model_info()
+    metrics.model_info.info({k: str(v) for k, v in info.items()})
+    metrics.ready.set(1)
+    for name in ("", SERVICE_NAME):
+        await health.set(name, health_pb2.HealthCheckResponse.SERVING)
+    # "name" is reserved in a LogRecord, so the model's fields go under their own key.
+    log.info("serving", extra={"model": info, "port": port, "version": __version__})
+
+    await stop.wait()
+    log.info("shutting down", extra={"grace_seconds": cfg.shutdown_grace})
+    await health.enter_graceful_shutdown()
+    metrics.ready.set(0)
+    service.accepting = False
+    # Handlers already running keep going; new RPCs are refused by the server from here on.
+    stopping = asyncio.ensure_future(server.stop(cfg.shutdown_grace))
+    await service.close(cfg.shutdown_grace)
+    await stopping
+    metrics.close()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,415 @@
+"""What each RPC does, free of gRPC types: validation, tokenization off the event loop, items.
+
+The transport (servicer.py) turns protobuf messages into the plain values these methods take and
+their results back into messages; errors raised here are `errors.ServiceError`s whose class picks
+the status code and whose text tells the caller what to change.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import __version__
+from .batch import (
+    Classification,
+    ClassifySpec,
+    Features,
+    FeatureSpec,
+    FillMask,
+    FillMaskSpec,
+    Item,
+    Spec,
+)
+from .config import ServerConfig
+from .errors import InvalidInput, NotFound, NotReady, TooLarge, Unsupported
+from .executor import Executor
+from .hub import RobertaHub
+from .metrics import Metrics
+from .model import NoLMHeadError
+from .scheduler import INTERACTIVE, DeadlineExceeded, Scheduler, SchedulerConfig, Ticket
+from .tokenizer import Encoding, SequenceTooLongError
+
+log = logging.getLogger(__name__)
+
+# One input: a text, a (text, text_pair) pair, or token ids.
+Input = str | tuple[str, str] | Sequence[int]
+
+POOLINGS = ("none", "cls", "mean")
+OUT_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass
+class Usage:
+    tokens: int = 0
+    truncated: int = 0
+    tokenize_seconds: float = 0.0
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
+
+
+@dataclass
+class Prepared:
+    """Tokenized inputs of one request."""
+
+    ids: list[list[int]]
+    truncated: list[bool]
+    seconds: float
+
+
+class RobertaService:
+    """The model's operations for concurrent callers, batched through one scheduler."""
+
+    def __init__(self, hub: RobertaHub, cfg: ServerConfig, metrics: Metrics):
+        self.hub = hub
+        self.cfg = cfg
+        self.metrics = metrics
+        self.tokenizer = hub.tokenizer
+        self.mcfg = hub.model.cfg
+        self.executor = Executor(hub)
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_batch_tokens=cfg.max_batch_tokens,
+                max_batch_size=cfg.max_batch_size,
+                max_queue_delay_ms=cfg.max_queue_delay_ms,
+                lookahead=cfg.lookahead,
+                pipeline_depth=2 if hub.device.type == "cuda" else 1,
+                max_queued_tokens=cfg.max_queued_tokens,
+            ),
+            self.executor.submit,
+            self.executor.computed_tokens,
+            metrics,
+        )
+        self._pool = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="roberta-tok")
+        self.accepting = True
+
+    async def start(self) -> None:
+        self.scheduler.start()
+        await self._warm_up()
+
+    async def _warm_up(self) -> None:
+        """Run each kind of work once so the first real request pays no start-up cost."""
+        t0 = time.perf_counter()
+        await self.extract_features(["Hello world!", "warm " * 60], (), False, "cls", "float32")
+        if self.hub.model.heads:
+            await self.classify(next(iter(self.hub.model.heads)), ["Hello world!"])
+        if self.hub.model.lm_head is not None:
+            await self.fill_mask(["Hello <mask>!"], 5)
+        log.info("warm-up done", extra={"seconds": round(time.perf_counter() - t0, 3)})
+
+    async def close(self, grace: float) -> None:
+        """Finish queued work (up to `grace` seconds), then stop the scheduler and the device."""
+        self.accepting = False
+        try:
+            await asyncio.wait_for(self.scheduler.wait_idle(), grace)
+        except TimeoutError:
+            log.warning("shutdown grace of %.1fs passed with work still queued", grace)
+        await self.scheduler.stop()
+        self.executor.shutdown()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ---- validation and tokenization
+
+    def _check_request(self, n: int, what: str = "inputs") -> None:
+        if not self.accepting:
+            raise NotReady("server is shutting down")
+        if n == 0:
+            raise InvalidInput(f"{what} is empty: send at least one item")
+        if n > self.cfg.max_items_per_request:
+            raise TooLarge(
+                f"{n} {what} in one request; the limit is {self.cfg.max_items_per_request}: "
+                "split the request"
+            )
+
+    def _encode_one(self, i: int, x: Input, truncate: bool, no_separator: bool) -> Encoding:
+        max_len = self.mcfg.max_positions
+        try:
+            if isinstance(x, str):
+                return self.tokenizer.encode_with_offsets(
+                    x, truncate=truncate, max_positions=max_len
+                )
+            if isinstance(x, tuple):
+                return self.tokenizer.encode_with_offsets(
+                    *x, no_separator=no_separator, truncate=truncate, max_positions=max_len
+                )
+        except SequenceTooLongError as exc:
+            raise InvalidInput(f"inputs[{i}]: {exc}; set truncate to cut it") from exc
+        raise InvalidInput(f"inputs[{i}]: token ids cannot be tokenized; send text")
+
+    def _check_ids(self, i: int, ids: Sequence[int], truncate: bool) -> tuple[list[int], bool]:
+        ids = list(ids)
+        if not ids:
+            raise InvalidInput(f"inputs[{i}]: ids is empty")
+        bad = [t for t in ids if t < 0 or t >= self.mcfg.vocab_size]
+        if bad:
+            raise InvalidInput(
+                f"inputs[{i}]: token id {bad[0]} is out of range [0, {self.mcfg.vocab_size})"
+            )
+        if self.tokenizer.pad in ids:
+            raise InvalidInput(
+                f"inputs[{i}]: id {self.tokenizer.pad} (<pad>) may not appear inside a sequence"
+            )
+        max_len = self.mcfg.max_positions
+        if len(ids) <= max_len:
+            return ids, False
+        if not truncate:
+            raise InvalidInput(
+                f"inputs[{i}]: tokens exceeds maximum length: {len(ids)} > {max_len}; "
+                "set truncate to cut it"
+            )
+        return ids[: max_len - 1] + ids[-1:], True
+
+    def _prepare_sync(self, inputs: Sequence[Input], truncate: bool, no_sep: bool) -> Prepared:
+        t0 = time.perf_counter()
+        ids, truncated = [], []
+        for i, x in enumerate(inputs):
+            if isinstance(x, (str, tuple)):
+                enc = self._encode_one(i, x, truncate, no_sep)
+                ids.append(enc.ids)
+                truncated.append(enc.truncated)
+            else:
+                seq, cut = self._check_ids(i, x, truncate)
+                ids.append(seq)
+                truncated.append(cut)
+        return Prepared(ids, truncated, time.perf_counter() - t0)
+
+    async def _prepare(self, inputs: Sequence[Input], truncate: bool, no_sep: bool) -> Prepared:
+        self._check_request(len(inputs))
+        loop = asyncio.get_running_loop()
+        prepared = await loop.run_in_executor(
+            self._pool, self._prepare_sync, inputs, truncate, no_sep
+        )
+        self.metrics.tokenize_seconds.observe(prepared.seconds)
+        return prepared
+
+    async def _run(
+        self,
+        ids: list[list[int]],
+        specs: Sequence[Spec],
+        deadline: float | None,
+        priority: int = INTERACTIVE,
+    ) -> Ticket:
+        items = [Item(seq, spec) for seq, spec in zip(ids, specs, strict=True)]
+        ticket = await self.scheduler.run_items(items, priority, deadline)
+        for out in ticket.outputs:
+            if isinstance(out, DeadlineExceeded):
+                raise out
+            if isinstance(out, NoLMHeadError):
+                raise Unsupported(str(out))
+            if isinstance(out, KeyError):
+                raise NotFound(str(out.args[0]))
+            if isinstance(out, Exception):
+                raise RuntimeError(f"inference failed: {out!r}") from out
+        return ticket
+
+    @staticmethod
+    def _usage(prepared: Prepared, ticket: Ticket) -> Usage:
+        return Usage(
+            tokens=sum(len(s) for s in prepared.ids),
+            truncated=sum(prepared.truncated),
+            tokenize_seconds=prepared.seconds,
+            queue_seconds=ticket.queue_seconds,
+            inference_seconds=ticket.inference_seconds,
+        )
+
+    # ---- operations
+
+    async def tokenize(
+        self, inputs: Sequence[Input], truncate: bool = False, no_separator: bool = False
+    ) -> tuple[list[Encoding], Usage]:
+        self._check_request(len(inputs))
+
+        def work() -> list[Encoding]:
+            return [self._encode_one(i, x, truncate, no_separator) for i, x in enumerate(inputs)]
+
+        t0 = time.perf_counter()
+        encs = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        usage = Usage(
+            tokens=sum(len(e.ids) for e in encs),
+            truncated=sum(e.truncated for e in encs),
+            tokenize_seconds=time.perf_counter() - t0,
+        )
+        return encs, usage
+
+    def decode(self, sequences: Sequence[Sequence[int]]) -> list[list[str]]:
+        self._check_request(len(sequences), "sequences")
+        out = []
+        for i, seq in enumerate(sequences):
+            try:
+                text = self.tokenizer.decode(list(seq))
+            except ValueError as exc:
+                raise InvalidInput(f"sequences[{i}]: {exc}") from exc
+            out.append([text] if isinstance(text, str) else text)
+        return out
+
+    def resolve_layers(self, layers: Sequence[int], all_layers: bool) -> tuple[int, ...]:
+        last = self.mcfg.num_layers
+        if all_layers:
+            return tuple(range(last + 1))
+        if not layers:
+            return (last,)
+        out = []
+        for layer in layers:
+            if not -(last + 1) <= layer <= last:
+                raise InvalidInput(
+                    f"layer {layer} does not exist: the model has layers 0..{last} "
+                    f"(0 = embeddings; negative counts from the end)"
+                )
+            out.append(layer % (last + 1))
+        return tuple(out)
+
+    async def extract_features(
+        self,
+        inputs: Sequence[Input],
+        layers: Sequence[int] = (),
+        all_layers: bool = False,
+        pooling: str = "none",
+        dtype: str = "float32",
+        truncate: bool = False,
+        no_separator: bool = False,
+        deadline: float | None = None,
+        priority: int = INTERACTIVE,
+    ) -> tuple[list[Features], Usage]:
+        spec = self.feature_spec(layers, all_layers, pooling, dtype)
+        prepared = await self._prepare(inputs, truncate, no_separator)
+        self._check_response_size(prepared.ids, spec)
+        ticket = await self._run(prepared.ids, [spec] * len(prepared.ids), deadline, priority)
+        return ticket.outputs, self._usage(prepared, ticket)  # type: ignore[return-value]
+
+    def feature_spec(
+        self, layers: Sequence[int], all_layers: bool, pooling: str, dtype: str
+    ) -> FeatureSpec:
+        if pooling not in POOLINGS:
+            raise InvalidInput(f"unknown pooling {pooling!r}; use one of {', '.join(POOLINGS)}")
+        if dtype not in OUT_DTYPES:
+            raise InvalidInput(f"unknown dtype {dtype!r}; use one of {', '.join(OUT_DTYPES)}")
+        return FeatureSpec(self.resolve_layers(layers, all_layers), pooling, dtype)
+
+    def _check_response_size(self, ids: list[list[int]], spec: FeatureSpec) -> None:
+        per_vec = len(spec.layers) * self.mcfg.hidden_size * OUT_DTYPES[spec.dtype]
+        vectors = sum(len(s) for s in ids) if spec.pooling == "none" else len(ids)
+        size = vectors * per_vec
+        if size > self.cfg.max_message_bytes:
+            raise TooLarge(
+                f"the response would be {size} bytes, over the {self.cfg.max_message_bytes}-byte "
+                "message limit: send fewer items, fewer layers, pool, or ask for float16"
+            )
+
+    def check_head(self, head: str) -> None:
+        if head not in self.hub.model.heads:
+            known = ", ".join(sorted(self.hub.model.heads)) or "none"
+            raise NotFound(f"unknown classification head {head!r} (registered: {known})")
+
+    async def classify(
+        self,
+        head: str,
+        inputs: Sequence[Input],
+        truncate: bool = False,
+        no_separator: bool = False,
+        deadline: float | None = None,
+        priority: int = INTERACTIVE,
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray, int, str]], Usage]:
+        """Per input: (logits, log-probabilities, argmax, label name)."""
+        self.check_head(head)
+        prepared = await self._prepare(inputs, truncate, no_separator)
+        spec = ClassifySpec(head)
+        ticket = await self._run(prepared.ids, [spec] * len(prepared.ids), deadline, priority)
+        labels = self.hub.model.head_labels[head]
+        results = []
+        for out in ticket.outputs:
+            assert isinstance(out, Classification)
+            results.append(self.classification(out, labels))
+        return results, self._usage(prepared, ticket)
+
+    @staticmethod
+    def classification(
+        out: Classification, labels: list[str]
+    ) -> tuple[np.ndarray, np.ndarray, int, str]:
+        logits = out.logits.astype(np.float32)
+        shifted = logits - logits.max()
+        log_probs = shifted - np.log(np.exp(shifted).sum())
+        index = int(logits.argmax())
+        return logits, log_probs, index, labels[index] if index < len(labels) else str(index)
+
+    async def fill_mask(
+        self, texts: Sequence[str], topk: int = 5, deadline: float | None = None
+    ) -> tuple[list[FillMask], Usage]:
+        self._check_request(len(texts), "texts")
+        if self.hub.model.lm_head is None:
+            raise Unsupported("this checkpoint has no masked-LM head, so fill-mask is unavailable")
+        topk = topk or 5
+        if not 1 <= topk <= self.mcfg.vocab_size:
+            raise InvalidInput(f"topk must be in [1, {self.mcfg.vocab_size}], got {topk}")
+
+        def work() -> Prepared:
+            t0 = time.perf_counter()
+            ids = []
+            for i, text in enumerate(texts):
+                try:
+                    seq = self.tokenizer.encode_masked(text)
+                except ValueError as exc:
+                    raise InvalidInput(f"texts[{i}]: {exc}") from exc
+                if len(seq) > self.mcfg.max_positions:
+                    raise InvalidInput(
+                        f"texts[{i}]: tokens exceeds maximum length: {len(seq)} > "
+                        f"{self.mcfg.max_positions}"
+                    )
+                ids.append(seq)
+            return Prepared(ids, [False] * len(ids), time.perf_counter() - t0)
+
+        prepared = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        specs = [
+            FillMaskSpec(seq.index(self.tokenizer.mask), topk, text)
+            for seq, text in zip(prepared.ids, texts, strict=True)
+        ]
+        ticket = await self._run(prepared.ids, specs, deadline)
+        return ticket.outputs, self._usage(prepared, ticket)  # type: ignore[return-value]
+
+    async def register_head(
+        self, name: str, num_classes: int, labels: Sequence[str]
+    ) -> tuple[str, int, list[str]]:
+        if not name or not name.isprintable() or len(name) > 128:
+            raise InvalidInput("head name must be 1-128 printable characters")
+        if not 1 <= num_classes <= 65536:
+            raise InvalidInput(f"num_classes must be in [1, 65536], got {num_classes}")
+        if labels and len(labels) != num_classes:
+            raise InvalidInput(f"{len(labels)} labels given for {num_classes} classes")
+        model = self.hub.model
+
+        def register() -> None:
+            model.register_classification_head(name, num_classes, labels=list(labels) or None)
+
+        # On the device thread, between batches: no batch sees a half-registered head.
+        await asyncio.wrap_future(self.executor.call(register))
+        log.info("registered classification head", extra={"head": name, "classes": num_classes})
+        return name, num_classes, model.head_labels[name]
+
+    def heads(self) -> list[tuple[str, int, list[str]]]:
+        model = self.hub.model
+        return [
+            (name, model.heads[name].num_classes, model.head_labels[name])
+            for name in sorted(model.heads)
+        ]
+
+    def model_info(self) -> dict:
+        cfg = self.mcfg
+        return {
+            "name": self.hub.name,
+            "source": self.hub.source,
+            "untrained": self.hub.source.startswith("random:"),
+            "vocab_size": cfg.vocab_size,
+            "hidden_size": cfg.hidden_size,
+            "num_layers": cfg.num_layers,
+            "num_attention_heads": cfg.num_heads,
+            "ffn_size": cfg.ffn_size,
+            "max_positions": cfg.max_positions,
+            "dtype": str(self.hub.dtype).replace("torch.", ""),
+            "device": str(self.hub.device),
+            "server_version": __version__,
+        }

@@ -36,6 +36,7 @@ class ServerConfig:
     lookahead: int = _opt(1024, "queued items considered when grouping by length")
     max_items_per_request: int = _opt(1024, "most items in one request")
     max_message_bytes: int = _opt(64 << 20, "largest gRPC message received or sent")
+    stream_window: int = _opt(1024, "items one stream may have in flight (flow control)")
     max_queued_tokens: int = _opt(1 << 20, "queued tokens beyond which requests are refused")
     max_concurrent_rpcs: int = _opt(4096, "RPCs handled at once; more get RESOURCE_EXHAUSTED")
     tokenizer_threads: int = _opt(2, "threads that tokenize requests")

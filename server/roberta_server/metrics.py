@@ -28,7 +28,10 @@ RPCS = (
     "FillMask",
     "RegisterClassificationHead",
     "GetModelInfo",
+    "ExtractFeaturesStream",
+    "ClassifyStream",
 )
+STREAM_RPCS = ("ExtractFeaturesStream", "ClassifyStream")
 # Seconds, from sub-millisecond unary calls on a GPU to multi-second CPU bulk requests.
 LATENCY_BUCKETS = (
     0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0,
@@ -96,12 +99,19 @@ class Metrics:
             "roberta_items_dropped", "Queued items dropped before compute, by reason", ["reason"],
             registry=r,
         )  # fmt: skip
+        self.stream_items = Counter(
+            "roberta_stream_items", "Stream items answered, by RPC and item status code",
+            ["rpc", "code"], registry=r,
+        )  # fmt: skip
+        self.streams_open = Gauge("roberta_streams_open", "Bidi streams open now", registry=r)
         self.model_info = Info("roberta_model", "The served model", registry=r)
         self.ready = Gauge("roberta_ready", "1 once the model is loaded and warmed up", registry=r)
         for rpc in RPCS:
             self.request_seconds.labels(rpc)
             self.tokens.labels(rpc)
             self.requests.labels(rpc, "OK")
+        for rpc in STREAM_RPCS:
+            self.stream_items.labels(rpc, "OK")
         for reason in ("cancelled", "deadline"):
             self.items_dropped.labels(reason)
         self._http: WSGIServer | None = None

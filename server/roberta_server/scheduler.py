@@ -48,7 +48,7 @@ class SchedulerConfig:
     max_queued_tokens: int = 1 << 20
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity: streams keep sets of live tickets
 class Ticket:
     """A request's items in flight: collects their outputs and timings."""
 
@@ -153,12 +153,15 @@ class Scheduler:
         try:
             await ticket.future
         except asyncio.CancelledError:
-            # The caller went away: its queued items are skipped when batches are formed.
-            if not ticket.future.done():
-                ticket.future.cancel()
-            self._wakeup.set()
+            self.cancel(ticket)
             raise
         return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """The caller went away: its queued items are dropped when the next batch is formed."""
+        if not ticket.future.done():
+            ticket.future.cancel()
+            self._wakeup.set()
 
     async def wait_idle(self) -> None:
         """Until the queue is empty and no batch is running."""

@@ -45,8 +45,11 @@ def validate(cfg: ServerConfig, hub: RobertaHub) -> None:
             f"--max-batch-tokens {cfg.max_batch_tokens} is below the model's maximum sequence "
             f"length {hub.model.cfg.max_positions}: a long input could never be scheduled"
         )
-    if cfg.max_batch_size < 1 or cfg.max_items_per_request < 1 or cfg.lookahead < 1:
-        raise SystemExit("--max-batch-size, --max-items-per-request and --lookahead must be >= 1")
+    if min(cfg.max_batch_size, cfg.max_items_per_request, cfg.lookahead, cfg.stream_window) < 1:
+        raise SystemExit(
+            "--max-batch-size, --max-items-per-request, --lookahead and --stream-window "
+            "must be >= 1"
+        )
     if cfg.max_queued_tokens < hub.model.cfg.max_positions:
         raise SystemExit("--max-queued-tokens must be at least the maximum sequence length")
 
@@ -102,6 +105,7 @@ async def serve(cfg: ServerConfig) -> int:
             max_batch_size=cfg.max_batch_size,
             max_items_per_request=cfg.max_items_per_request,
             max_message_bytes=cfg.max_message_bytes,
+            stream_window=cfg.stream_window,
         )
     )
     servicer.service = service

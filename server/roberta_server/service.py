@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -25,15 +25,16 @@ from .batch import (
     FillMask,
     FillMaskSpec,
     Item,
+    Output,
     Spec,
 )
 from .config import ServerConfig
-from .errors import InvalidInput, NotFound, NotReady, TooLarge, Unsupported
+from .errors import InvalidInput, NotFound, NotReady, ServiceError, TooLarge, Unsupported
 from .executor import Executor
 from .hub import RobertaHub
 from .metrics import Metrics
 from .model import NoLMHeadError
-from .scheduler import INTERACTIVE, DeadlineExceeded, Scheduler, SchedulerConfig, Ticket
+from .scheduler import BULK, INTERACTIVE, DeadlineExceeded, Scheduler, SchedulerConfig, Ticket
 from .tokenizer import Encoding, SequenceTooLongError
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,17 @@ class Prepared:
     ids: list[list[int]]
     truncated: list[bool]
     seconds: float
+
+
+def item_error(out: Exception) -> Exception:
+    """The error a caller sees for an item whose computation ended in `out`."""
+    if isinstance(out, (ServiceError, DeadlineExceeded)):
+        return out
+    if isinstance(out, NoLMHeadError):
+        return Unsupported(str(out))
+    if isinstance(out, KeyError):
+        return NotFound(str(out.args[0]))
+    return RuntimeError(f"inference failed: {out!r}")
 
 
 class RobertaService:
@@ -127,7 +139,7 @@ class RobertaService:
                 "split the request"
             )
 
-    def _encode_one(self, i: int, x: Input, truncate: bool, no_separator: bool) -> Encoding:
+    def _encode_one(self, where: str, x: Input, truncate: bool, no_separator: bool) -> Encoding:
         max_len = self.mcfg.max_positions
         try:
             if isinstance(x, str):
@@ -139,44 +151,47 @@ class RobertaService:
                     *x, no_separator=no_separator, truncate=truncate, max_positions=max_len
                 )
         except SequenceTooLongError as exc:
-            raise InvalidInput(f"inputs[{i}]: {exc}; set truncate to cut it") from exc
-        raise InvalidInput(f"inputs[{i}]: token ids cannot be tokenized; send text")
+            raise InvalidInput(f"{where}: {exc}; set truncate to cut it") from exc
+        raise InvalidInput(f"{where}: token ids cannot be tokenized; send text")
 
-    def _check_ids(self, i: int, ids: Sequence[int], truncate: bool) -> tuple[list[int], bool]:
+    def _check_ids(self, where: str, ids: Sequence[int], truncate: bool) -> tuple[list[int], bool]:
         ids = list(ids)
         if not ids:
-            raise InvalidInput(f"inputs[{i}]: ids is empty")
+            raise InvalidInput(f"{where}: ids is empty")
         bad = [t for t in ids if t < 0 or t >= self.mcfg.vocab_size]
         if bad:
             raise InvalidInput(
-                f"inputs[{i}]: token id {bad[0]} is out of range [0, {self.mcfg.vocab_size})"
+                f"{where}: token id {bad[0]} is out of range [0, {self.mcfg.vocab_size})"
             )
         if self.tokenizer.pad in ids:
             raise InvalidInput(
-                f"inputs[{i}]: id {self.tokenizer.pad} (<pad>) may not appear inside a sequence"
+                f"{where}: id {self.tokenizer.pad} (<pad>) may not appear inside a sequence"
             )
         max_len = self.mcfg.max_positions
         if len(ids) <= max_len:
             return ids, False
         if not truncate:
             raise InvalidInput(
-                f"inputs[{i}]: tokens exceeds maximum length: {len(ids)} > {max_len}; "
+                f"{where}: tokens exceeds maximum length: {len(ids)} > {max_len}; "
                 "set truncate to cut it"
             )
         return ids[: max_len - 1] + ids[-1:], True
+
+    def _prepare_one(
+        self, where: str, x: Input, truncate: bool, no_sep: bool
+    ) -> tuple[list[int], bool]:
+        if isinstance(x, (str, tuple)):
+            enc = self._encode_one(where, x, truncate, no_sep)
+            return enc.ids, enc.truncated
+        return self._check_ids(where, x, truncate)
 
     def _prepare_sync(self, inputs: Sequence[Input], truncate: bool, no_sep: bool) -> Prepared:
         t0 = time.perf_counter()
         ids, truncated = [], []
         for i, x in enumerate(inputs):
-            if isinstance(x, (str, tuple)):
-                enc = self._encode_one(i, x, truncate, no_sep)
-                ids.append(enc.ids)
-                truncated.append(enc.truncated)
-            else:
-                seq, cut = self._check_ids(i, x, truncate)
-                ids.append(seq)
-                truncated.append(cut)
+            seq, cut = self._prepare_one(f"inputs[{i}]", x, truncate, no_sep)
+            ids.append(seq)
+            truncated.append(cut)
         return Prepared(ids, truncated, time.perf_counter() - t0)
 
     async def _prepare(self, inputs: Sequence[Input], truncate: bool, no_sep: bool) -> Prepared:
@@ -198,15 +213,56 @@ class RobertaService:
         items = [Item(seq, spec) for seq, spec in zip(ids, specs, strict=True)]
         ticket = await self.scheduler.run_items(items, priority, deadline)
         for out in ticket.outputs:
-            if isinstance(out, DeadlineExceeded):
-                raise out
-            if isinstance(out, NoLMHeadError):
-                raise Unsupported(str(out))
-            if isinstance(out, KeyError):
-                raise NotFound(str(out.args[0]))
             if isinstance(out, Exception):
-                raise RuntimeError(f"inference failed: {out!r}") from out
+                raise item_error(out) from out
         return ticket
+
+    # ---- streams: items answered one by one, after the interactive requests
+
+    async def prepare_stream(
+        self, inputs: Sequence[tuple[str, Input]], truncate: bool, no_sep: bool
+    ) -> list[tuple[list[int], bool] | ServiceError]:
+        """Tokenize stream items; a bad item gets its error in place of its ids."""
+        if not self.accepting:
+            raise NotReady("server is shutting down")
+
+        def work() -> list[tuple[list[int], bool] | ServiceError]:
+            out: list[tuple[list[int], bool] | ServiceError] = []
+            for item_id, x in inputs:
+                try:
+                    out.append(self._prepare_one(f"item {item_id!r}", x, truncate, no_sep))
+                except ServiceError as exc:
+                    out.append(exc)
+            return out
+
+        t0 = time.perf_counter()
+        prepared = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
+        return prepared
+
+    def submit_stream(
+        self,
+        ids: list[list[int]],
+        specs: Sequence[Spec],
+        on_output: Callable[[int, Output | Exception], None],
+        deadline: float | None,
+    ) -> Ticket:
+        """Queue stream items at bulk priority; `on_output(index, output)` gets each result.
+
+        Streams are not refused when the queue is long: their flow-control window is what bounds
+        them, so they wait instead.
+        """
+        if not self.accepting:
+            raise NotReady("server is shutting down")
+        items = [Item(seq, spec) for seq, spec in zip(ids, specs, strict=True)]
+        future = asyncio.get_running_loop().create_future()
+        ticket = Ticket(len(items), future, BULK, deadline, on_output=on_output)
+        self.scheduler.enqueue(items, ticket, admit=False)
+        return ticket
+
+    def cancel(self, ticket: Ticket) -> None:
+        """Drop the ticket's items that have not run yet (its caller went away)."""
+        self.scheduler.cancel(ticket)
 
     @staticmethod
     def _usage(prepared: Prepared, ticket: Ticket) -> Usage:
@@ -226,7 +282,10 @@ class RobertaService:
         self._check_request(len(inputs))
 
         def work() -> list[Encoding]:
-            return [self._encode_one(i, x, truncate, no_separator) for i, x in enumerate(inputs)]
+            return [
+                self._encode_one(f"inputs[{i}]", x, truncate, no_separator)
+                for i, x in enumerate(inputs)
+            ]
 
         t0 = time.perf_counter()
         encs = await asyncio.get_running_loop().run_in_executor(self._pool, work)
@@ -275,12 +334,15 @@ class RobertaService:
         no_separator: bool = False,
         deadline: float | None = None,
         priority: int = INTERACTIVE,
-    ) -> tuple[list[Features], Usage]:
+    ) -> tuple[list[tuple[Features, int, bool]], Usage]:
+        """Per input: (features, its number of tokens, whether it was truncated)."""
         spec = self.feature_spec(layers, all_layers, pooling, dtype)
         prepared = await self._prepare(inputs, truncate, no_separator)
-        self._check_response_size(prepared.ids, spec)
+        self.check_response_size(prepared.ids, spec)
         ticket = await self._run(prepared.ids, [spec] * len(prepared.ids), deadline, priority)
-        return ticket.outputs, self._usage(prepared, ticket)  # type: ignore[return-value]
+        lengths = [len(seq) for seq in prepared.ids]
+        results = list(zip(ticket.outputs, lengths, prepared.truncated, strict=True))
+        return results, self._usage(prepared, ticket)  # type: ignore[return-value]
 
     def feature_spec(
         self, layers: Sequence[int], all_layers: bool, pooling: str, dtype: str
@@ -291,7 +353,7 @@ class RobertaService:
             raise InvalidInput(f"unknown dtype {dtype!r}; use one of {', '.join(OUT_DTYPES)}")
         return FeatureSpec(self.resolve_layers(layers, all_layers), pooling, dtype)
 
-    def _check_response_size(self, ids: list[list[int]], spec: FeatureSpec) -> None:
+    def check_response_size(self, ids: list[list[int]], spec: FeatureSpec) -> None:
         per_vec = len(spec.layers) * self.mcfg.hidden_size * OUT_DTYPES[spec.dtype]
         vectors = sum(len(s) for s in ids) if spec.pooling == "none" else len(ids)
         size = vectors * per_vec
@@ -314,17 +376,17 @@ class RobertaService:
         no_separator: bool = False,
         deadline: float | None = None,
         priority: int = INTERACTIVE,
-    ) -> tuple[list[tuple[np.ndarray, np.ndarray, int, str]], Usage]:
-        """Per input: (logits, log-probabilities, argmax, label name)."""
+    ) -> tuple[list[tuple[np.ndarray, np.ndarray, int, str, bool]], Usage]:
+        """Per input: (logits, log-probabilities, argmax, label name, truncated)."""
         self.check_head(head)
         prepared = await self._prepare(inputs, truncate, no_separator)
         spec = ClassifySpec(head)
         ticket = await self._run(prepared.ids, [spec] * len(prepared.ids), deadline, priority)
         labels = self.hub.model.head_labels[head]
         results = []
-        for out in ticket.outputs:
+        for out, cut in zip(ticket.outputs, prepared.truncated, strict=True):
             assert isinstance(out, Classification)
-            results.append(self.classification(out, labels))
+            results.append((*self.classification(out, labels), cut))
         return results, self._usage(prepared, ticket)
 
     @staticmethod

@@ -7,17 +7,19 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import grpc
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from roberta_client.tensors import numpy_to_tensor
 
+from .batch import ClassifySpec, FeatureSpec
 from .errors import InvalidInput, NotFound, NotReady, ServiceError, TooLarge, Unsupported
 from .metrics import Metrics
 from .scheduler import DeadlineExceeded
-from .service import Input, RobertaService, Usage
+from .service import Input, RobertaService, Usage, item_error
+from .streams import ItemStream, item_error_message, run_stream
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,7 @@ STATUS = {
     NotReady: grpc.StatusCode.UNAVAILABLE,
     Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
 }
+_CODES = {c.value[0]: c for c in grpc.StatusCode}
 POOLING = {pb.POOLING_NONE: "none", pb.POOLING_CLS: "cls", pb.POOLING_MEAN: "mean"}
 DTYPE = {
     pb.DTYPE_UNSPECIFIED: "float32",
@@ -44,8 +47,17 @@ DTYPE_ENUM = {
 Handler = Callable[["RobertaServicer", object, grpc.aio.ServicerContext], Awaitable[object]]
 
 
+def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
+    """The status code and details an exception escaping a handler becomes."""
+    if isinstance(exc, ServiceError):
+        return STATUS[type(exc)], str(exc)
+    if isinstance(exc, DeadlineExceeded):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, str(exc)
+    return grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"
+
+
 def rpc(name: str) -> Callable[[Handler], Handler]:
-    """Count, time and map the errors of one RPC handler."""
+    """Count, time and map the errors of one unary RPC handler."""
 
     def wrap(handler: Handler) -> Handler:
         @functools.wraps(handler)
@@ -58,21 +70,16 @@ def rpc(name: str) -> Callable[[Handler], Handler]:
                 if self.service is None:
                     raise NotReady("the model is still loading; retry shortly")
                 return await handler(self, request, context)
-            except ServiceError as exc:
-                code = STATUS[type(exc)]
-                await context.abort(code, str(exc))
-            except DeadlineExceeded as exc:
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                await context.abort(code, str(exc))
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                log.exception("%s failed", name)
-                code = grpc.StatusCode.INTERNAL
-                await context.abort(code, f"internal error: {exc!r}")
+                code, details = _status(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", name)
+                await context.abort(code, details)
             finally:
                 m.in_flight.dec()
                 m.requests.labels(name, code.name).inc()
@@ -83,7 +90,44 @@ def rpc(name: str) -> Callable[[Handler], Handler]:
     return wrap
 
 
-def _input(i: int, x: pb.Input) -> Input:
+def stream_rpc(name: str) -> Callable:
+    """Count, time and map the errors of one bidi-stream handler (an async generator)."""
+
+    def wrap(handler: Callable) -> Callable:
+        @functools.wraps(handler)
+        async def wrapper(self: RobertaServicer, requests, context) -> AsyncIterator[object]:
+            m = self.metrics
+            m.in_flight.inc()
+            m.streams_open.inc()
+            t0 = time.perf_counter()
+            code = grpc.StatusCode.OK
+            try:
+                if self.service is None:
+                    raise NotReady("the model is still loading; retry shortly")
+                async for response in handler(self, requests, context):
+                    yield response
+            except asyncio.CancelledError:
+                code = grpc.StatusCode.CANCELLED
+                raise
+            except Exception as exc:
+                code, details = _status(exc)
+                if code is grpc.StatusCode.INTERNAL:
+                    log.exception("%s failed", name)
+                context.set_code(code)
+                context.set_details(details)
+            finally:
+                m.in_flight.dec()
+                m.streams_open.dec()
+                m.requests.labels(name, code.name).inc()
+                m.request_seconds.labels(name).observe(time.perf_counter() - t0)
+
+        return wrapper
+
+    return wrap
+
+
+def _input(i: int | str, x: pb.Input) -> Input:
+    where = f"inputs[{i}]" if isinstance(i, int) else f"item {i!r}"
     kind = x.WhichOneof("kind")
     if kind == "text":
         return x.text
@@ -91,7 +135,7 @@ def _input(i: int, x: pb.Input) -> Input:
         return (x.pair.text, x.pair.text_pair)
     if kind == "ids":
         return x.ids.ids
-    raise InvalidInput(f"inputs[{i}] is empty: set one of text, pair or ids")
+    raise InvalidInput(f"{where} is empty: set one of text, pair or ids")
 
 
 def _inputs(inputs) -> list[Input]:
@@ -119,13 +163,11 @@ def _usage(u: Usage) -> pb.Usage:
     )
 
 
-def features_message(out, truncated: bool) -> pb.Features:
-    arr = out.array
-    n = arr.shape[1] if arr.ndim == 3 else 0
+def features_message(out, num_tokens: int, truncated: bool) -> pb.Features:
     return pb.Features(
-        tensor=numpy_to_tensor(arr, DTYPE_ENUM[out.dtype]),
+        tensor=numpy_to_tensor(out.array, DTYPE_ENUM[out.dtype]),
         layers=out.layers,
-        num_tokens=n,
+        num_tokens=num_tokens,
         truncated=truncated,
     )
 
@@ -184,8 +226,7 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
             deadline=_deadline(context),
         )
         self._account("ExtractFeatures", usage)
-        truncated = usage.truncated > 0
-        results = [features_message(out, truncated) for out in outs]
+        results = [features_message(out, n, cut) for out, n, cut in outs]
         return pb.ExtractFeaturesResponse(results=results, usage=_usage(usage))
 
     @rpc("Classify")
@@ -199,8 +240,8 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
         )
         self._account("Classify", usage)
         msgs = [
-            pb.Classification(logits=lg, log_probs=lp, label_index=i, label=name)
-            for lg, lp, i, name in results
+            pb.Classification(logits=lg, log_probs=lp, label_index=i, label=name, truncated=cut)
+            for lg, lp, i, name, cut in results
         ]
         return pb.ClassifyResponse(results=msgs, usage=_usage(usage))
 
@@ -235,3 +276,168 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
         heads = [pb.HeadInfo(name=n, num_classes=c, labels=lb) for n, c, lb in self.service.heads()]
         return pb.ModelInfo(**self.service.model_info(), heads=heads, limits=self.limits)
+
+    # ---- streams
+
+    async def _stream_items(
+        self,
+        rpc_name: str,
+        request,
+        stream: ItemStream,
+        make_spec: Callable[[], object],
+        truncate: bool,
+        no_separator: bool,
+        result: Callable[[str, object, int, bool], tuple[object, int]],
+        error: Callable[[str, pb.ItemError], object],
+        deadline: float | None,
+    ) -> None:
+        """Validate, tokenize and queue the items of one stream request message."""
+        service = self.service
+        if not service.accepting:
+            raise NotReady("server is shutting down")
+        items = request.items
+        n = len(items)
+        await stream.reserve(n)
+        counts = self.metrics.stream_items
+
+        def fail(item_id: str, exc: Exception) -> None:
+            err = item_error_message(exc, STATUS)
+            counts.labels(rpc_name, _CODES[err.code].name).inc()
+            stream.put(error(item_id, err))
+
+        try:
+            if n > self.limits.max_items_per_request:
+                raise TooLarge(
+                    f"{n} items in one stream message; the limit is "
+                    f"{self.limits.max_items_per_request}: send fewer per message"
+                )
+            spec = make_spec()
+        except ServiceError as exc:
+            for it in items:
+                fail(it.id, exc)
+            return
+        inputs, good = [], []
+        for it in items:
+            try:
+                inputs.append((it.id, _input(it.id, it.input)))
+            except ServiceError as exc:
+                fail(it.id, exc)
+        try:
+            prepared = await service.prepare_stream(inputs, truncate, no_separator)
+        except NotReady:
+            stream.release(len(inputs))  # never accepted: the client resends them elsewhere
+            raise
+        for (item_id, _), p in zip(inputs, prepared, strict=True):
+            if isinstance(p, ServiceError):
+                fail(item_id, p)
+                continue
+            if isinstance(spec, FeatureSpec):
+                try:
+                    service.check_response_size([p[0]], spec)
+                except ServiceError as exc:
+                    fail(item_id, exc)
+                    continue
+            good.append((item_id, p))
+        if not good:
+            return
+        meta = [(item_id, len(seq), cut) for item_id, (seq, cut) in good]
+        ids = [seq for _, (seq, _) in good]
+        holder: list = []
+
+        def on_output(index: int, out: object) -> None:
+            item_id, num_tokens, cut = meta[index]
+            if isinstance(out, Exception):
+                fail(item_id, item_error(out))
+            else:
+                msg, size = result(item_id, out, num_tokens, cut)
+                counts.labels(rpc_name, "OK").inc()
+                stream.put(msg, size)
+            if holder and holder[0].remaining == 0:
+                stream.tickets.discard(holder[0])
+
+        try:
+            ticket = service.submit_stream(ids, [spec] * len(ids), on_output, deadline)
+        except NotReady:
+            stream.release(len(ids))
+            raise
+        holder.append(ticket)
+        stream.tickets.add(ticket)
+        tokens = sum(len(seq) for seq in ids)
+        self.metrics.tokens.labels(rpc_name).inc(tokens)
+        truncated = sum(cut for _, _, cut in meta)
+        if truncated:
+            self.metrics.truncations.inc(truncated)
+
+    def _window(self) -> pb.StreamWindow:
+        return pb.StreamWindow(
+            max_in_flight=self.limits.stream_window,
+            max_items_per_message=self.limits.max_items_per_request,
+        )
+
+    @stream_rpc("ExtractFeaturesStream")
+    async def ExtractFeaturesStream(self, requests, context) -> AsyncIterator[object]:
+        deadline = _deadline(context)
+        stream = ItemStream(self.limits.stream_window)
+
+        async def handle(request: pb.ExtractFeaturesStreamRequest, stream: ItemStream) -> None:
+            o = request.options
+
+            def make_spec() -> FeatureSpec:
+                return self.service.feature_spec(
+                    list(o.layers),
+                    o.all_layers,
+                    _enum(o.pooling, POOLING, "pooling"),
+                    _enum(o.dtype, DTYPE, "dtype"),
+                )
+
+            def result(item_id: str, out, num_tokens: int, cut: bool) -> tuple[object, int]:
+                msg = features_message(out, num_tokens, cut)
+                return pb.FeaturesStreamResult(id=item_id, features=msg), len(msg.tensor.data)
+
+            def error(item_id: str, err: pb.ItemError) -> object:
+                return pb.FeaturesStreamResult(id=item_id, error=err)
+
+            await self._stream_items(
+                "ExtractFeaturesStream", request, stream, make_spec, o.encode.truncate,
+                o.encode.no_separator, result, error, deadline,
+            )  # fmt: skip
+
+        async for response in run_stream(
+            requests, context, stream, handle, pb.ExtractFeaturesStreamResponse, self._window(),
+            self.service.cancel,
+        ):  # fmt: skip
+            yield response
+
+    @stream_rpc("ClassifyStream")
+    async def ClassifyStream(self, requests, context) -> AsyncIterator[object]:
+        deadline = _deadline(context)
+        stream = ItemStream(self.limits.stream_window)
+        service = self.service
+
+        async def handle(request: pb.ClassifyStreamRequest, stream: ItemStream) -> None:
+            head = request.head
+
+            def make_spec() -> ClassifySpec:
+                service.check_head(head)
+                return ClassifySpec(head)
+
+            def result(item_id: str, out, num_tokens: int, cut: bool) -> tuple[object, int]:
+                lg, lp, i, name = service.classification(out, service.hub.model.head_labels[head])
+                msg = pb.Classification(
+                    logits=lg, log_probs=lp, label_index=i, label=name, truncated=cut
+                )
+                return pb.ClassifyStreamResult(id=item_id, classification=msg), 0
+
+            def error(item_id: str, err: pb.ItemError) -> object:
+                return pb.ClassifyStreamResult(id=item_id, error=err)
+
+            await self._stream_items(
+                "ClassifyStream", request, stream, make_spec, request.options.truncate,
+                request.options.no_separator, result, error, deadline,
+            )  # fmt: skip
+
+        async for response in run_stream(
+            requests, context, stream, handle, pb.ClassifyStreamResponse, self._window(),
+            service.cancel,
+        ):  # fmt: skip
+            yield response

@@ -274,16 +274,18 @@ class HeadInfo(_message.Message):
     def __init__(self, name: _Optional[str] = ..., num_classes: _Optional[int] = ..., labels: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ServerLimits(_message.Message):
-    __slots__ = ("max_batch_tokens", "max_batch_size", "max_items_per_request", "max_message_bytes")
+    __slots__ = ("max_batch_tokens", "max_batch_size", "max_items_per_request", "max_message_bytes", "stream_window")
     MAX_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_ITEMS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_WINDOW_FIELD_NUMBER: _ClassVar[int]
     max_batch_tokens: int
     max_batch_size: int
     max_items_per_request: int
     max_message_bytes: int
-    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_items_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    stream_window: int
+    def __init__(self, max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_items_per_request: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., stream_window: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("name", "source", "untrained", "vocab_size", "hidden_size", "num_layers", "num_attention_heads", "ffn_size", "max_positions", "dtype", "device", "heads", "limits", "server_version")
@@ -316,3 +318,81 @@ class ModelInfo(_message.Message):
     limits: ServerLimits
     server_version: str
     def __init__(self, name: _Optional[str] = ..., source: _Optional[str] = ..., untrained: bool = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_attention_heads: _Optional[int] = ..., ffn_size: _Optional[int] = ..., max_positions: _Optional[int] = ..., dtype: _Optional[str] = ..., device: _Optional[str] = ..., heads: _Optional[_Iterable[_Union[HeadInfo, _Mapping]]] = ..., limits: _Optional[_Union[ServerLimits, _Mapping]] = ..., server_version: _Optional[str] = ...) -> None: ...
+
+class StreamItem(_message.Message):
+    __slots__ = ("id", "input")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    input: Input
+    def __init__(self, id: _Optional[str] = ..., input: _Optional[_Union[Input, _Mapping]] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class StreamWindow(_message.Message):
+    __slots__ = ("max_in_flight", "max_items_per_message")
+    MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_ITEMS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    max_in_flight: int
+    max_items_per_message: int
+    def __init__(self, max_in_flight: _Optional[int] = ..., max_items_per_message: _Optional[int] = ...) -> None: ...
+
+class ExtractFeaturesStreamRequest(_message.Message):
+    __slots__ = ("items", "options")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StreamItem]
+    options: FeatureOptions
+    def __init__(self, items: _Optional[_Iterable[_Union[StreamItem, _Mapping]]] = ..., options: _Optional[_Union[FeatureOptions, _Mapping]] = ...) -> None: ...
+
+class FeaturesStreamResult(_message.Message):
+    __slots__ = ("id", "features", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    features: Features
+    error: ItemError
+    def __init__(self, id: _Optional[str] = ..., features: _Optional[_Union[Features, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class ExtractFeaturesStreamResponse(_message.Message):
+    __slots__ = ("results", "window")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[FeaturesStreamResult]
+    window: StreamWindow
+    def __init__(self, results: _Optional[_Iterable[_Union[FeaturesStreamResult, _Mapping]]] = ..., window: _Optional[_Union[StreamWindow, _Mapping]] = ...) -> None: ...
+
+class ClassifyStreamRequest(_message.Message):
+    __slots__ = ("items", "head", "options")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[StreamItem]
+    head: str
+    options: EncodeOptions
+    def __init__(self, items: _Optional[_Iterable[_Union[StreamItem, _Mapping]]] = ..., head: _Optional[str] = ..., options: _Optional[_Union[EncodeOptions, _Mapping]] = ...) -> None: ...
+
+class ClassifyStreamResult(_message.Message):
+    __slots__ = ("id", "classification", "error")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    CLASSIFICATION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    classification: Classification
+    error: ItemError
+    def __init__(self, id: _Optional[str] = ..., classification: _Optional[_Union[Classification, _Mapping]] = ..., error: _Optional[_Union[ItemError, _Mapping]] = ...) -> None: ...
+
+class ClassifyStreamResponse(_message.Message):
+    __slots__ = ("results", "window")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[ClassifyStreamResult]
+    window: StreamWindow
+    def __init__(self, results: _Optional[_Iterable[_Union[ClassifyStreamResult, _Mapping]]] = ..., window: _Optional[_Union[StreamWindow, _Mapping]] = ...) -> None: ...

@@ -69,6 +69,16 @@ class RobertaStub(object):
                 request_serializer=roberta_dot_v1_dot_roberta__pb2.GetModelInfoRequest.SerializeToString,
                 response_deserializer=roberta_dot_v1_dot_roberta__pb2.ModelInfo.FromString,
                 _registered_method=True)
+        self.ExtractFeaturesStream = channel.stream_stream(
+                '/roberta.v1.Roberta/ExtractFeaturesStream',
+                request_serializer=roberta_dot_v1_dot_roberta__pb2.ExtractFeaturesStreamRequest.SerializeToString,
+                response_deserializer=roberta_dot_v1_dot_roberta__pb2.ExtractFeaturesStreamResponse.FromString,
+                _registered_method=True)
+        self.ClassifyStream = channel.stream_stream(
+                '/roberta.v1.Roberta/ClassifyStream',
+                request_serializer=roberta_dot_v1_dot_roberta__pb2.ClassifyStreamRequest.SerializeToString,
+                response_deserializer=roberta_dot_v1_dot_roberta__pb2.ClassifyStreamResponse.FromString,
+                _registered_method=True)
 
 
 class RobertaServicer(object):
@@ -123,6 +133,23 @@ class RobertaServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExtractFeaturesStream(self, request_iterator, context):
+        """Bulk feature extraction: the client streams items, the server answers each one as soon as it
+        is computed, tagged with the client's id, possibly out of order. A bad item gets an error
+        result and the stream goes on. The first response carries the flow-control window; stream
+        items run after the interactive unary requests and fill the capacity those leave.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClassifyStream(self, request_iterator, context):
+        """Bulk classification, with the same stream contract as ExtractFeaturesStream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RobertaServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +187,16 @@ def add_RobertaServicer_to_server(servicer, server):
                     servicer.GetModelInfo,
                     request_deserializer=roberta_dot_v1_dot_roberta__pb2.GetModelInfoRequest.FromString,
                     response_serializer=roberta_dot_v1_dot_roberta__pb2.ModelInfo.SerializeToString,
+            ),
+            'ExtractFeaturesStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ExtractFeaturesStream,
+                    request_deserializer=roberta_dot_v1_dot_roberta__pb2.ExtractFeaturesStreamRequest.FromString,
+                    response_serializer=roberta_dot_v1_dot_roberta__pb2.ExtractFeaturesStreamResponse.SerializeToString,
+            ),
+            'ClassifyStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ClassifyStream,
+                    request_deserializer=roberta_dot_v1_dot_roberta__pb2.ClassifyStreamRequest.FromString,
+                    response_serializer=roberta_dot_v1_dot_roberta__pb2.ClassifyStreamResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +388,60 @@ class Roberta(object):
             '/roberta.v1.Roberta/GetModelInfo',
             roberta_dot_v1_dot_roberta__pb2.GetModelInfoRequest.SerializeToString,
             roberta_dot_v1_dot_roberta__pb2.ModelInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExtractFeaturesStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/roberta.v1.Roberta/ExtractFeaturesStream',
+            roberta_dot_v1_dot_roberta__pb2.ExtractFeaturesStreamRequest.SerializeToString,
+            roberta_dot_v1_dot_roberta__pb2.ExtractFeaturesStreamResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClassifyStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/roberta.v1.Roberta/ClassifyStream',
+            roberta_dot_v1_dot_roberta__pb2.ClassifyStreamRequest.SerializeToString,
+            roberta_dot_v1_dot_roberta__pb2.ClassifyStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,

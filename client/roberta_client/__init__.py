@@ -19,6 +19,7 @@ from roberta_client.client import (
     RobertaClient,
 )
 from roberta_client.inputs import InputLike, TextOrPair, as_token_ids, to_input
+from roberta_client.streaming import ItemError, StreamResult
 from roberta_client.tensors import (
     DTYPE_NAMES,
     DTYPES,
@@ -38,7 +39,9 @@ __all__ = [
     "ClientConfig",
     "FillMaskCandidate",
     "InputLike",
+    "ItemError",
     "RobertaClient",
+    "StreamResult",
     "TextOrPair",
     "__version__",
     "as_token_ids",

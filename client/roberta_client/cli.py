@@ -16,6 +16,7 @@ import numpy as np
 
 from roberta_client._version import __version__
 from roberta_client.client import DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_TARGET, POOLINGS, RobertaClient
+from roberta_client.extract import ExtractConfig, run_extract
 from roberta_client.inputs import InputLike
 from roberta_client.tensors import DTYPES
 
@@ -201,6 +202,25 @@ def _cmd_decode(client: RobertaClient, args: argparse.Namespace) -> Any:
     return [{"ids": ids, "text": text} for ids, text in zip(sequences, texts, strict=True)]
 
 
+def _cmd_extract(client: RobertaClient | None, args: argparse.Namespace) -> Any:
+    cfg = ExtractConfig(
+        input=args.input,
+        out=args.out,
+        # Several comma-separated servers share the work, one stream each (round-robin).
+        servers=[s.strip() for s in args.server.split(",") if s.strip()],
+        pooling=args.pooling,
+        layers=args.layers,
+        dtype=args.dtype,
+        truncate=args.truncate,
+        shard_size=args.shard_size,
+        streams_per_server=args.streams_per_server,
+        items_per_message=args.items_per_message,
+        max_attempts=args.max_attempts,
+        progress=not args.no_progress,
+    )
+    return run_extract(cfg, _client_kwargs(args))
+
+
 def _cmd_info(client: RobertaClient, args: argparse.Namespace) -> Any:
     return client.model_info()
 
@@ -224,7 +244,12 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _add(parser, "--server", default=DEFAULT_TARGET, help="gRPC target host:port")
+    _add(
+        parser,
+        "--server",
+        default=DEFAULT_TARGET,
+        help="gRPC target host:port (extract: several, comma-separated)",
+    )
     _add(parser, "--timeout", type=_timeout, default="30", help="deadline per call, s (0: none)")
     _add(
         parser,
@@ -281,6 +306,23 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inputs(sub, "token id lists (0,31414,2 or a JSON list)")
 
     command("info", _cmd_info, "the served model, its heads and the server's limits")
+
+    sub = command(
+        "extract",
+        _cmd_extract,
+        "bulk features of a corpus into .npy shards, resumable (see roberta_client.extract)",
+    )
+    _add(sub, "--input", required=True, help="JSONL (id, text, text_pair) or text lines; - stdin")
+    _add(sub, "--out", required=True, help="output directory; a rerun skips what it holds")
+    _add(sub, "--pooling", choices=sorted(POOLINGS), default="cls", help="per token or pooled")
+    _add(sub, "--layers", type=_int_list, help="comma-separated, 0 = embeddings (default: last)")
+    _add(sub, "--dtype", choices=["float32", "float16"], default="float32", help="stored type")
+    _add(sub, "--truncate", action="store_true", help="cut over-long inputs instead of failing")
+    _add(sub, "--shard-size", type=int, default=10000, help="items per shard")
+    _add(sub, "--streams-per-server", type=int, default=1, help="parallel streams per server")
+    _add(sub, "--items-per-message", type=int, default=16, help="items packed per message")
+    _add(sub, "--max-attempts", type=int, default=8, help="stream reopenings without progress")
+    _add(sub, "--no-progress", action="store_true", help="no progress line on stderr")
     return parser
 
 
@@ -294,6 +336,14 @@ def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
     return grpc.ssl_channel_credentials(root_certificates=root)
 
 
+def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "timeout": args.timeout,
+        "max_message_bytes": args.max_message_bytes,
+        "credentials": _credentials(args),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the process exit status."""
     parser = build_parser()
@@ -303,14 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     logger.debug("connecting to %s (timeout %s s)", args.server, args.timeout)
     try:
-        credentials = _credentials(args)
-        with RobertaClient(
-            args.server,
-            timeout=args.timeout,
-            max_message_bytes=args.max_message_bytes,
-            credentials=credentials,
-        ) as client:
-            result = args.handler(client, args)
+        if args.handler is _cmd_extract:
+            result = _cmd_extract(None, args)
+        else:
+            with RobertaClient(args.server, **_client_kwargs(args)) as client:
+                result = args.handler(client, args)
     except grpc.RpcError as error:
         code = error.code()
         logger.error("%s failed: %s: %s", args.command, code.name, error.details())

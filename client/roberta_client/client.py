@@ -21,7 +21,15 @@ import collections
 import json
 import logging
 import sys
-from collections.abc import Callable, Generator, Iterable, Sequence
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Generator,
+    Iterable,
+    Iterator,
+    Sequence,
+)
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeAlias, TypeVar
 
@@ -34,6 +42,13 @@ from google.protobuf.message import Message
 from roberta_client._proto.roberta.v1 import roberta_pb2, roberta_pb2_grpc
 from roberta_client._version import __version__
 from roberta_client.inputs import InputLike, TextOrPair, as_token_ids, to_input
+from roberta_client.streaming import (
+    DEFAULT_ITEMS_PER_MESSAGE,
+    StreamResult,
+    features_value,
+    run_async,
+    run_sync,
+)
 from roberta_client.tensors import parse_dtype, tensor_to_numpy
 
 __all__ = [
@@ -168,6 +183,29 @@ def _classification(result: roberta_pb2.Classification) -> Classification:
         label=result.label,
         truncated=result.truncated,
     )
+
+
+def _feature_options(
+    layers: Sequence[int] | None,
+    all_layers: bool,
+    pooling: str,
+    dtype: str,
+    truncate: bool,
+    no_separator: bool,
+) -> roberta_pb2.FeatureOptions:
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; expected one of {sorted(POOLINGS)}")
+    return roberta_pb2.FeatureOptions(
+        layers=list(layers or ()),
+        all_layers=all_layers,
+        pooling=POOLINGS[pooling],
+        dtype=parse_dtype(dtype),
+        encode=roberta_pb2.EncodeOptions(truncate=truncate, no_separator=no_separator),
+    )
+
+
+def _classification_value(message: roberta_pb2.ClassifyStreamResult) -> tuple[Classification, int]:
+    return _classification(message.classification), 0
 
 
 def _candidates(result: roberta_pb2.FillMaskResult) -> list[FillMaskCandidate]:
@@ -357,15 +395,7 @@ class _ClientBase:
         truncate: bool,
         no_separator: bool,
     ) -> _Plan[list[np.ndarray]]:
-        if pooling not in POOLINGS:
-            raise ValueError(f"unknown pooling {pooling!r}; expected one of {sorted(POOLINGS)}")
-        options = roberta_pb2.FeatureOptions(
-            layers=list(layers or ()),
-            all_layers=all_layers,
-            pooling=POOLINGS[pooling],
-            dtype=parse_dtype(dtype),
-            encode=roberta_pb2.EncodeOptions(truncate=truncate, no_separator=no_separator),
-        )
+        options = _feature_options(layers, all_layers, pooling, dtype, truncate, no_separator)
         results = yield from self._plan_features(items, options)
         return [tensor_to_numpy(features.tensor) for features in results]
 
@@ -583,6 +613,74 @@ class RobertaClient(_ClientBase):
         """The served model, its heads and the server's limits (ModelInfo as a dict)."""
         return self._run(self._plan_model_info())
 
+    # -- bulk streams ------------------------------------------------------------------------
+
+    def stream_features(
+        self,
+        items: Iterable[tuple[Any, InputLike]],
+        *,
+        layers: Sequence[int] | None = None,
+        all_layers: bool = False,
+        pooling: str = "none",
+        dtype: str = "float32",
+        truncate: bool = False,
+        no_separator: bool = False,
+        items_per_message: int = DEFAULT_ITEMS_PER_MESSAGE,
+        max_attempts: int = 8,
+    ) -> Iterator[StreamResult]:
+        """Features of `(id, input)` pairs through one ExtractFeaturesStream, as they finish.
+
+        The source is read lazily, only as fast as the server's flow-control window allows, so
+        it may be a generator over a corpus of any size. Results come in completion order with
+        `id` as a str; a failed item is a result with `error` set. When the stream breaks with
+        UNAVAILABLE or RESOURCE_EXHAUSTED it is reopened (up to `max_attempts` times in a row
+        without progress) and the unanswered items are resent: every id is yielded exactly
+        once. Arrays are shaped as in `extract_features_batch`. No deadline applies.
+        """
+        options = _feature_options(layers, all_layers, pooling, dtype, truncate, no_separator)
+        metadata = self.config.metadata or None
+
+        def open_stream(requests: Iterator[Any]) -> Iterator[Any]:
+            return self._stub.ExtractFeaturesStream(requests, metadata=metadata)
+
+        return run_sync(
+            open_stream,
+            lambda chunk: roberta_pb2.ExtractFeaturesStreamRequest(items=chunk, options=options),
+            features_value,
+            items,
+            items_per_message,
+            max_attempts,
+        )
+
+    def stream_classify(
+        self,
+        head: str,
+        items: Iterable[tuple[Any, InputLike]],
+        *,
+        truncate: bool = False,
+        no_separator: bool = False,
+        items_per_message: int = DEFAULT_ITEMS_PER_MESSAGE,
+        max_attempts: int = 8,
+    ) -> Iterator[StreamResult]:
+        """`classify` of `(id, input)` pairs through one ClassifyStream; see `stream_features`.
+        Each result's `value` is a `Classification`."""
+        options = roberta_pb2.EncodeOptions(truncate=truncate, no_separator=no_separator)
+        metadata = self.config.metadata or None
+
+        def open_stream(requests: Iterator[Any]) -> Iterator[Any]:
+            return self._stub.ClassifyStream(requests, metadata=metadata)
+
+        return run_sync(
+            open_stream,
+            lambda chunk: roberta_pb2.ClassifyStreamRequest(
+                items=chunk, head=head, options=options
+            ),
+            _classification_value,
+            items,
+            items_per_message,
+            max_attempts,
+        )
+
 
 class AsyncRobertaClient(_ClientBase):
     """asyncio client: the methods of `RobertaClient`, as coroutines.
@@ -731,3 +829,54 @@ class AsyncRobertaClient(_ClientBase):
     async def model_info(self) -> dict[str, Any]:
         """See `RobertaClient.model_info`."""
         return await self._run(self._plan_model_info())
+
+    # -- bulk streams ------------------------------------------------------------------------
+
+    def stream_features(
+        self,
+        items: Iterable[tuple[Any, InputLike]] | AsyncIterable[tuple[Any, InputLike]],
+        *,
+        layers: Sequence[int] | None = None,
+        all_layers: bool = False,
+        pooling: str = "none",
+        dtype: str = "float32",
+        truncate: bool = False,
+        no_separator: bool = False,
+        items_per_message: int = DEFAULT_ITEMS_PER_MESSAGE,
+        max_attempts: int = 8,
+    ) -> AsyncIterator[StreamResult]:
+        """See `RobertaClient.stream_features`; the source may also be an async iterable."""
+        options = _feature_options(layers, all_layers, pooling, dtype, truncate, no_separator)
+        metadata = self.config.metadata or None
+        return run_async(
+            lambda: self._stub.ExtractFeaturesStream(metadata=metadata),
+            lambda chunk: roberta_pb2.ExtractFeaturesStreamRequest(items=chunk, options=options),
+            features_value,
+            items,
+            items_per_message,
+            max_attempts,
+        )
+
+    def stream_classify(
+        self,
+        head: str,
+        items: Iterable[tuple[Any, InputLike]] | AsyncIterable[tuple[Any, InputLike]],
+        *,
+        truncate: bool = False,
+        no_separator: bool = False,
+        items_per_message: int = DEFAULT_ITEMS_PER_MESSAGE,
+        max_attempts: int = 8,
+    ) -> AsyncIterator[StreamResult]:
+        """See `RobertaClient.stream_classify`."""
+        options = roberta_pb2.EncodeOptions(truncate=truncate, no_separator=no_separator)
+        metadata = self.config.metadata or None
+        return run_async(
+            lambda: self._stub.ClassifyStream(metadata=metadata),
+            lambda chunk: roberta_pb2.ClassifyStreamRequest(
+                items=chunk, head=head, options=options
+            ),
+            _classification_value,
+            items,
+            items_per_message,
+            max_attempts,
+        )

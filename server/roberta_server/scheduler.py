@@ -190,6 +190,7 @@ class Scheduler:
                 else:
                     keep.append(it)
             q[:] = keep
+        self._update_gauges()
 
     def _dropped(self, item: Item, reason: str) -> None:
         self._queued_tokens -= len(item.ids)

@@ -280,6 +280,10 @@ class _ClientBase:
     def _open_channel(self) -> Any:
         raise NotImplementedError
 
+    def eval(self) -> _ClientBase:
+        """A no-op for fairseq's `roberta.eval()`: the server only ever runs inference."""
+        return self
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config.target!r})"
 

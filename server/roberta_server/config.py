@@ -38,9 +38,25 @@ class ServerConfig:
     max_message_bytes: int = _opt(64 << 20, "largest gRPC message received or sent")
     stream_window: int = _opt(1024, "items one stream may have in flight (flow control)")
     max_queued_tokens: int = _opt(1 << 20, "queued tokens beyond which requests are refused")
-    max_concurrent_rpcs: int = _opt(4096, "RPCs handled at once; more get RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = _opt(
+        2048, "unary RPCs handled at once; more get RESOURCE_EXHAUSTED with a retry hint"
+    )
+    max_streams: int = _opt(256, "bidi streams open at once; more get RESOURCE_EXHAUSTED")
     tokenizer_threads: int = _opt(2, "threads that tokenize requests")
     shutdown_grace: float = _opt(30.0, "seconds queued work may take to finish on SIGTERM")
+    tls_cert: str = _opt("", "PEM certificate chain: serve TLS (with --tls-key)")
+    tls_key: str = _opt("", "PEM private key of --tls-cert")
+    tls_client_ca: str = _opt("", "PEM CA bundle: require client certificates it signed (mTLS)")
+    auth_token_file: str = _opt(
+        "", "file holding the bearer token callers must send (health stays open)"
+    )
+    allow_register_head: bool = _opt(True, "let clients add heads with RegisterClassificationHead")
+    fault_oom_tokens: int = _opt(
+        0, "testing only: a forward pass over more tokens fails as out of memory (0: off)"
+    )
+    fault_poison_id: int = _opt(
+        -1, "testing only: a forward pass holding this token id fails (-1: off)"
+    )
     log_level: str = _opt("INFO", "DEBUG, INFO, WARNING or ERROR")
     log_format: str = _opt("json", "json (one object per line) or text")
 

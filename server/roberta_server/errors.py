@@ -23,3 +23,16 @@ class NotReady(ServiceError):
 
 class Unsupported(ServiceError):
     """The loaded model cannot do this, e.g. fill-mask without an LM head (FAILED_PRECONDITION)."""
+
+
+class Overloaded(ServiceError):
+    """The queue or the in-flight limit is full; retry after `retry_after_ms`
+    (RESOURCE_EXHAUSTED, with the hint in the `retry-after-ms` trailer)."""
+
+    def __init__(self, message: str, retry_after_ms: int):
+        super().__init__(f"{message}; retry in about {retry_after_ms} ms")
+        self.retry_after_ms = retry_after_ms
+
+
+class Forbidden(ServiceError):
+    """The operator switched this operation off (PERMISSION_DENIED)."""

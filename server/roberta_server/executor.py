@@ -51,6 +51,20 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return arr.view(np.uint16) if dtype == "bfloat16" else arr
 
 
+def injected_faults(oom_tokens: int, poison_id: int) -> Callable[[list[Item]], None]:
+    """A fault injector for tests: passes over `oom_tokens` tokens fail as out of memory, and
+    passes holding the token id `poison_id` fail outright."""
+
+    def inject(items: list[Item]) -> None:
+        tokens = sum(len(it.ids) for it in items)
+        if oom_tokens and tokens > oom_tokens:
+            raise torch.cuda.OutOfMemoryError(f"injected: {tokens} tokens > {oom_tokens}")
+        if poison_id >= 0 and any(poison_id in it.ids for it in items):
+            raise RuntimeError(f"injected fault: token id {poison_id}")
+
+    return inject
+
+
 class Executor:
     """Runs batches on a single device thread; `submit` returns a future of the BatchResult."""
 
@@ -65,6 +79,8 @@ class Executor:
         self._thread_ident: int | None = None
         # Test hook: called with each batch before its forward pass, to inject faults.
         self.fault_injector: Callable[[list[Item]], None] | None = None
+        # False once a batch failed item by item and a one-sequence probe failed too.
+        self.usable = True
 
     def submit(self, batch: Batch) -> Future[BatchResult]:
         return self._pool.submit(self.run_batch, batch)
@@ -85,10 +101,25 @@ class Executor:
         self._thread_ident = threading.get_ident()
         started = time.monotonic()
         outputs = self._run_or_split(batch.items)
+        if all(isinstance(out, Exception) for out in outputs):
+            # Every item failed alone: bad inputs, or a broken device? A known-good probe tells.
+            self.usable = self.probe()
+        else:
+            self.usable = True
         lengths = [len(it.ids) for it in batch.items]
         return BatchResult(
             outputs, started, time.monotonic() - started, self.computed_tokens(lengths)
         )
+
+    def probe(self) -> bool:
+        """Whether a tiny known-good sequence still runs (on the device thread)."""
+        spec = FeatureSpec((self.model.cfg.num_layers,), "cls", "float32")
+        try:
+            self._forward([Item([self.hub.tokenizer.bos, self.hub.tokenizer.eos], spec)])
+        except Exception as exc:
+            log.error("the model fails even on a probe sequence: %r", exc)
+            return False
+        return True
 
     def _run_or_split(self, items: list[Item]) -> list[Output | Exception]:
         try:

@@ -24,7 +24,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from .batch import Batch, BatchResult, Item, Output
-from .errors import TooLarge
+from .errors import Overloaded
 from .metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,9 @@ class SchedulerConfig:
     # last moment (best grouping when batches are long, as on a CPU); 2 lets the device thread
     # start the next batch without waiting for the event loop (GPU).
     pipeline_depth: int = 1
-    # Admission: waiting tokens beyond which unary requests are refused with RESOURCE_EXHAUSTED.
+    # Admission: waiting tokens beyond which unary requests are refused with RESOURCE_EXHAUSTED
+    # (counting interactive items only, so bulk streams never lock interactive callers out) and
+    # stream items wait for room (counting everything).
     max_queued_tokens: int = 1 << 20
 
 
@@ -96,6 +98,10 @@ class Scheduler:
         self._metrics = metrics
         self._queues: tuple[list[Item], list[Item]] = ([], [])
         self._queued_tokens = 0
+        self._class_tokens = [0, 0]  # queued tokens per priority class
+        self._room = asyncio.Event()
+        # Recent real tokens per second of compute: turns a queue length into a retry hint.
+        self._rate = 0.0
         self._in_flight = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -124,23 +130,35 @@ class Scheduler:
     def enqueue(self, items: list[Item], ticket: Ticket, admit: bool = True) -> None:
         """Queue a request's items; with `admit`, refuse them when the queue is already full."""
         tokens = sum(len(it.ids) for it in items)
-        if (
-            admit
-            and self._queued_tokens
-            and self._queued_tokens + tokens > self.cfg.max_queued_tokens
-        ):
-            raise TooLarge(
-                f"server overloaded: {self._queued_tokens} tokens already queued "
-                f"(limit {self.cfg.max_queued_tokens}); retry later"
+        queued = self._class_tokens[ticket.priority]
+        if admit and queued and queued + tokens > self.cfg.max_queued_tokens:
+            raise Overloaded(
+                f"server overloaded: {queued} tokens already queued "
+                f"(limit {self.cfg.max_queued_tokens})",
+                self.retry_after_ms(),
             )
         now = time.monotonic()
         for i, it in enumerate(items):
             it.owner, it.index, it.enqueued = ticket, i, now
         self._queues[ticket.priority].extend(items)
         self._queued_tokens += tokens
+        self._class_tokens[ticket.priority] += tokens
         self._update_gauges()
         self._idle.clear()
         self._wakeup.set()
+
+    def retry_after_ms(self) -> int:
+        """About how long the queued work takes to drain."""
+        if self._rate <= 0:
+            return 1000
+        return max(10, min(60_000, int(1000 * self._queued_tokens / self._rate)))
+
+    async def wait_for_room(self, tokens: int) -> None:
+        """Until `tokens` more fit under the queue limit (or the queue is empty): streams wait
+        here where unary requests would be refused."""
+        while self._queued_tokens and self._queued_tokens + tokens > self.cfg.max_queued_tokens:
+            self._room.clear()
+            await self._room.wait()
 
     async def run_items(
         self, items: list[Item], priority: int = INTERACTIVE, deadline: float | None = None
@@ -170,6 +188,7 @@ class Scheduler:
     # ---- batch formation
 
     def _update_gauges(self) -> None:
+        self._room.set()
         self._metrics.queue_items.set(self.queued_items)
         self._metrics.queue_tokens.set(self._queued_tokens)
 
@@ -194,6 +213,7 @@ class Scheduler:
 
     def _dropped(self, item: Item, reason: str) -> None:
         self._queued_tokens -= len(item.ids)
+        self._class_tokens[item.owner.priority] -= len(item.ids)
         self.dropped += 1
         self._metrics.items_dropped.labels(reason).inc()
 
@@ -226,6 +246,8 @@ class Scheduler:
             if any(id(it) in chosen_ids for it in q[: self.cfg.lookahead]):
                 self._queues[i][:] = [it for it in q if id(it) not in chosen_ids]
         self._queued_tokens -= sum(lengths)
+        for it in chosen:
+            self._class_tokens[it.owner.priority] -= len(it.ids)
         self._update_gauges()
         return Batch(chosen)
 
@@ -279,6 +301,12 @@ class Scheduler:
         m.computed_tokens.inc(result.computed_tokens)
         m.packing.observe(real / result.computed_tokens)
         m.inference_seconds.observe(result.seconds)
+        if result.seconds > 0:
+            self._rate = (
+                0.8 * self._rate + 0.2 * (real / result.seconds)
+                if self._rate
+                else (real / result.seconds)
+            )
         for it, out in zip(batch.items, result.outputs, strict=True):
             m.queue_seconds.observe(result.started - it.enqueued)
             if isinstance(out, Exception):

@@ -20,6 +20,7 @@ from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 
 from . import __version__
+from .auth import BearerTokenInterceptor, read_token, server_credentials
 from .config import ServerConfig
 from .hub import RobertaHub, load
 from .metrics import Metrics
@@ -54,6 +55,30 @@ def validate(cfg: ServerConfig, hub: RobertaHub) -> None:
         raise SystemExit("--max-queued-tokens must be at least the maximum sequence length")
 
 
+async def watch_health(
+    service: RobertaService, health: health_aio.HealthServicer, metrics: Metrics
+) -> None:
+    """Health follows whether the model really runs: NOT_SERVING only after a batch failed item
+    by item and a probe sequence failed too; SERVING again once a probe or a batch succeeds."""
+    executor = service.executor
+    serving = True
+    while True:
+        await asyncio.sleep(1.0)
+        if not executor.usable:
+            executor.usable = await asyncio.wrap_future(executor.call(executor.probe))
+        if executor.usable != serving:
+            serving = executor.usable
+            status = (
+                health_pb2.HealthCheckResponse.SERVING
+                if serving
+                else (health_pb2.HealthCheckResponse.NOT_SERVING)
+            )
+            for name in ("", SERVICE_NAME):
+                await health.set(name, status)
+            metrics.ready.set(int(serving))
+            log.warning("model usable: %s", serving)
+
+
 async def serve(cfg: ServerConfig) -> int:
     metrics = Metrics()
     if cfg.metrics_port >= 0:
@@ -62,9 +87,10 @@ async def serve(cfg: ServerConfig) -> int:
             "metrics listening", extra={"metrics_host": cfg.metrics_host, "metrics_port": port}
         )
 
-    server = grpc.aio.server(
-        options=channel_options(cfg), maximum_concurrent_rpcs=cfg.max_concurrent_rpcs
+    interceptors = (
+        [BearerTokenInterceptor(read_token(cfg.auth_token_file))] if (cfg.auth_token_file) else []
     )
+    server = grpc.aio.server(options=channel_options(cfg), interceptors=interceptors)
     health = health_aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     for name in ("", SERVICE_NAME):
@@ -74,11 +100,25 @@ async def serve(cfg: ServerConfig) -> int:
          reflection.SERVICE_NAME),
         server,
     )  # fmt: skip
-    servicer = RobertaServicer(metrics, pb.ServerLimits())
+    servicer = RobertaServicer(metrics, pb.ServerLimits(), cfg.max_concurrent_rpcs, cfg.max_streams)
     roberta_pb2_grpc.add_RobertaServicer_to_server(servicer, server)
-    port = server.add_insecure_port(f"{cfg.host}:{cfg.port}")
+    address = f"{cfg.host}:{cfg.port}"
+    credentials = server_credentials(cfg)
+    if credentials is None:
+        port = server.add_insecure_port(address)
+    else:
+        port = server.add_secure_port(address, credentials)
     await server.start()
-    log.info("grpc listening", extra={"host": cfg.host, "port": port})
+    log.info(
+        "grpc listening",
+        extra={
+            "host": cfg.host,
+            "port": port,
+            "tls": credentials is not None,
+            "mtls": bool(cfg.tls_client_ca),
+            "auth": bool(cfg.auth_token_file),
+        },
+    )
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -117,7 +157,9 @@ async def serve(cfg: ServerConfig) -> int:
     # "name" is reserved in a LogRecord, so the model's fields go under their own key.
     log.info("serving", extra={"model": info, "port": port, "version": __version__})
 
+    watcher = asyncio.ensure_future(watch_health(service, health, metrics))
     await stop.wait()
+    watcher.cancel()
     log.info("shutting down", extra={"grace_seconds": cfg.shutdown_grace})
     await health.enter_graceful_shutdown()
     metrics.ready.set(0)

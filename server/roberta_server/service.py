@@ -29,8 +29,16 @@ from .batch import (
     Spec,
 )
 from .config import ServerConfig
-from .errors import InvalidInput, NotFound, NotReady, ServiceError, TooLarge, Unsupported
-from .executor import Executor
+from .errors import (
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    ServiceError,
+    TooLarge,
+    Unsupported,
+)
+from .executor import Executor, injected_faults
 from .hub import RobertaHub
 from .metrics import Metrics
 from .model import NoLMHeadError
@@ -85,6 +93,11 @@ class RobertaService:
         self.tokenizer = hub.tokenizer
         self.mcfg = hub.model.cfg
         self.executor = Executor(hub)
+        if cfg.fault_oom_tokens or cfg.fault_poison_id >= 0:
+            log.warning("fault injection is on: this server is for testing only")
+            self.executor.fault_injector = injected_faults(
+                cfg.fault_oom_tokens, cfg.fault_poison_id
+            )
         self.scheduler = Scheduler(
             SchedulerConfig(
                 max_batch_tokens=cfg.max_batch_tokens,
@@ -139,8 +152,11 @@ class RobertaService:
                 "split the request"
             )
 
-    def _encode_one(self, where: str, x: Input, truncate: bool, no_separator: bool) -> Encoding:
-        max_len = self.mcfg.max_positions
+    def _encode_one(
+        self, where: str, x: Input, truncate: bool, no_separator: bool, limit: bool = True
+    ) -> Encoding:
+        # Without `limit` an over-long text comes back whole, as fairseq's `encode` returns it.
+        max_len = self.mcfg.max_positions if limit or truncate else None
         try:
             if isinstance(x, str):
                 return self.tokenizer.encode_with_offsets(
@@ -283,7 +299,7 @@ class RobertaService:
 
         def work() -> list[Encoding]:
             return [
-                self._encode_one(f"inputs[{i}]", x, truncate, no_separator)
+                self._encode_one(f"inputs[{i}]", x, truncate, no_separator, limit=False)
                 for i, x in enumerate(inputs)
             ]
 
@@ -434,14 +450,23 @@ class RobertaService:
         return ticket.outputs, self._usage(prepared, ticket)  # type: ignore[return-value]
 
     async def register_head(
-        self, name: str, num_classes: int, labels: Sequence[str]
+        self,
+        name: str,
+        num_classes: int,
+        labels: Sequence[str],
+        check_fits: Callable[[list[str]], None] | None = None,
     ) -> tuple[str, int, list[str]]:
+        """Add or replace a head; `check_fits(labels)` may refuse it once it is validated."""
+        if not self.cfg.allow_register_head:
+            raise Forbidden("registering classification heads is switched off on this server")
         if not name or not name.isprintable() or len(name) > 128:
             raise InvalidInput("head name must be 1-128 printable characters")
         if not 1 <= num_classes <= 65536:
             raise InvalidInput(f"num_classes must be in [1, 65536], got {num_classes}")
         if labels and len(labels) != num_classes:
             raise InvalidInput(f"{len(labels)} labels given for {num_classes} classes")
+        if check_fits is not None:
+            check_fits(list(labels) or [str(i) for i in range(num_classes)])
         model = self.hub.model
 
         def register() -> None:

@@ -15,7 +15,16 @@ from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from roberta_client.tensors import numpy_to_tensor
 
 from .batch import ClassifySpec, FeatureSpec
-from .errors import InvalidInput, NotFound, NotReady, ServiceError, TooLarge, Unsupported
+from .errors import (
+    Forbidden,
+    InvalidInput,
+    NotFound,
+    NotReady,
+    Overloaded,
+    ServiceError,
+    TooLarge,
+    Unsupported,
+)
 from .metrics import Metrics
 from .scheduler import DeadlineExceeded
 from .service import Input, RobertaService, Usage, item_error
@@ -29,7 +38,17 @@ STATUS = {
     TooLarge: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     Unsupported: grpc.StatusCode.FAILED_PRECONDITION,
+    Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Forbidden: grpc.StatusCode.PERMISSION_DENIED,
 }
+
+
+def _trailers(exc: Exception) -> tuple[tuple[str, str], ...]:
+    if isinstance(exc, Overloaded):
+        return (("retry-after-ms", str(exc.retry_after_ms)),)
+    return ()
+
+
 _CODES = {c.value[0]: c for c in grpc.StatusCode}
 POOLING = {pb.POOLING_NONE: "none", pb.POOLING_CLS: "cls", pb.POOLING_MEAN: "mean"}
 DTYPE = {
@@ -45,6 +64,17 @@ DTYPE_ENUM = {
 }
 
 Handler = Callable[["RobertaServicer", object, grpc.aio.ServicerContext], Awaitable[object]]
+
+# What to change when a unary response would be over the message limit.
+SHRINK_HINTS = {
+    "Tokenize": "send fewer or shorter texts",
+    "Decode": "send fewer or shorter sequences",
+    "ExtractFeatures": "send fewer items, fewer layers, pool, or ask for float16",
+    "Classify": "send fewer items",
+    "FillMask": "send fewer texts or a smaller topk",
+    "RegisterClassificationHead": "use fewer classes or shorter labels",
+    "GetModelInfo": "register heads with fewer classes or shorter labels",
+}
 
 
 def _status(exc: Exception) -> tuple[grpc.StatusCode, str]:
@@ -66,10 +96,32 @@ def rpc(name: str) -> Callable[[Handler], Handler]:
             m.in_flight.inc()
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
+            counted = False
+            recorded = False
+
+            def done() -> None:
+                nonlocal recorded
+                if recorded:
+                    return
+                recorded = True
+                self.unary_in_flight -= counted
+                m.in_flight.dec()
+                m.requests.labels(name, code.name).inc()
+                m.request_seconds.labels(name).observe(time.perf_counter() - t0)
+
             try:
                 if self.service is None:
                     raise NotReady("the model is still loading; retry shortly")
-                return await handler(self, request, context)
+                if self.unary_in_flight >= self.max_unary:
+                    raise Overloaded(
+                        f"{self.unary_in_flight} requests in flight (limit {self.max_unary})",
+                        self.service.scheduler.retry_after_ms(),
+                    )
+                self.unary_in_flight += 1
+                counted = True
+                response = await handler(self, request, context)
+                self._check_response_size(name, response)
+                return response
             except asyncio.CancelledError:
                 code = grpc.StatusCode.CANCELLED
                 raise
@@ -79,11 +131,12 @@ def rpc(name: str) -> Callable[[Handler], Handler]:
                 code, details = _status(exc)
                 if code is grpc.StatusCode.INTERNAL:
                     log.exception("%s failed", name)
-                await context.abort(code, details)
+                # Counted before the status goes out, so a scrape right after the caller saw
+                # the error already includes it.
+                done()
+                await context.abort(code, details, trailing_metadata=_trailers(exc))
             finally:
-                m.in_flight.dec()
-                m.requests.labels(name, code.name).inc()
-                m.request_seconds.labels(name).observe(time.perf_counter() - t0)
+                done()
 
         return wrapper
 
@@ -99,11 +152,16 @@ def stream_rpc(name: str) -> Callable:
             m = self.metrics
             m.in_flight.inc()
             m.streams_open.inc()
+            self.streams += 1
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
                 if self.service is None:
                     raise NotReady("the model is still loading; retry shortly")
+                if self.streams > self.max_streams:
+                    raise Overloaded(
+                        f"{self.streams - 1} streams open (limit {self.max_streams})", 1000
+                    )
                 async for response in handler(self, requests, context):
                     yield response
             except asyncio.CancelledError:
@@ -115,7 +173,10 @@ def stream_rpc(name: str) -> Callable:
                     log.exception("%s failed", name)
                 context.set_code(code)
                 context.set_details(details)
+                if _trailers(exc):
+                    context.set_trailing_metadata(_trailers(exc))
             finally:
+                self.streams -= 1
                 m.in_flight.dec()
                 m.streams_open.dec()
                 m.requests.labels(name, code.name).inc()
@@ -142,9 +203,13 @@ def _inputs(inputs) -> list[Input]:
     return [_input(i, x) for i, x in enumerate(inputs)]
 
 
+ENUM_TYPES = {"pooling": pb.Pooling, "dtype": pb.DType}
+
+
 def _enum(value: int, table: dict, what: str):
     if value not in table:
-        raise InvalidInput(f"unknown {what} value {value}")
+        names = ", ".join(f"{ENUM_TYPES[what].Name(v)} ({v})" for v in table)
+        raise InvalidInput(f"unknown {what} value {value}; use one of {names}")
     return table[value]
 
 
@@ -173,11 +238,26 @@ def features_message(out, num_tokens: int, truncated: bool) -> pb.Features:
 
 
 class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
-    def __init__(self, metrics: Metrics, limits: pb.ServerLimits):
+    def __init__(self, metrics: Metrics, limits: pb.ServerLimits, max_unary: int, max_streams: int):
         self.metrics = metrics
         self.limits = limits
+        self.max_unary = max_unary
+        self.max_streams = max_streams
+        self.unary_in_flight = 0
+        self.streams = 0
         # Set once the model is loaded and warmed up; until then every RPC is UNAVAILABLE.
         self.service: RobertaService | None = None
+
+    def _check_response_size(self, rpc_name: str, response) -> None:
+        """Refuse a response grpc would fail to send, saying what to change (grpc itself would
+        answer RESOURCE_EXHAUSTED "Sent message larger than max" and log a traceback)."""
+        limit = self.limits.max_message_bytes
+        size = response.ByteSize()
+        if limit and size > limit:
+            raise TooLarge(
+                f"the response would be {size} bytes, over the {limit}-byte message limit: "
+                f"{SHRINK_HINTS[rpc_name]}"
+            )
 
     def _account(self, rpc_name: str, usage: Usage) -> None:
         self.metrics.tokens.labels(rpc_name).inc(usage.tokens)
@@ -266,16 +346,49 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
     async def RegisterClassificationHead(
         self, request: pb.RegisterClassificationHeadRequest, context
     ) -> pb.RegisterClassificationHeadResponse:
+        def check_fits(labels: list[str]) -> None:
+            n = request.num_classes
+            self._check_head_fits(pb.HeadInfo(name=request.name, num_classes=n, labels=labels))
+
         name, n, labels = await self.service.register_head(
-            request.name, request.num_classes, list(request.labels)
+            request.name, request.num_classes, list(request.labels), check_fits
         )
         head = pb.HeadInfo(name=name, num_classes=n, labels=labels)
         return pb.RegisterClassificationHeadResponse(head=head)
 
     @rpc("GetModelInfo")
     async def GetModelInfo(self, request: pb.GetModelInfoRequest, context) -> pb.ModelInfo:
+        return self._model_info()
+
+    def _model_info(self, replace: pb.HeadInfo | None = None) -> pb.ModelInfo:
+        """ModelInfo, with `replace` in place of any head of the same name."""
         heads = [pb.HeadInfo(name=n, num_classes=c, labels=lb) for n, c, lb in self.service.heads()]
+        if replace is not None:
+            heads = [h for h in heads if h.name != replace.name] + [replace]
         return pb.ModelInfo(**self.service.model_info(), heads=heads, limits=self.limits)
+
+    def _check_head_fits(self, head: pb.HeadInfo) -> None:
+        """Refuse, before it is registered, a head that GetModelInfo or one Classify result
+        could not carry within the message limit: registered, it would break both for good."""
+        limit = self.limits.max_message_bytes
+        n = head.num_classes
+        one_result = pb.ClassifyResponse(
+            results=[
+                pb.Classification(
+                    logits=[1.0] * n, log_probs=[-1.0] * n, label_index=n - 1,
+                    label=max(head.labels, key=len), truncated=True,
+                )
+            ],
+            usage=pb.Usage(tokens=1 << 40, truncated_items=1 << 20, tokenize_ms=1.0,
+                           queue_ms=1.0, inference_ms=1.0),
+        )  # fmt: skip
+        size = max(self._model_info(replace=head).ByteSize(), one_result.ByteSize())
+        if limit and size > limit:
+            raise TooLarge(
+                f"a head with {n} classes does not fit the {limit}-byte message limit "
+                f"(ModelInfo or one Classify result would be {size} bytes): use fewer classes "
+                "or shorter labels"
+            )
 
     # ---- streams
 
@@ -355,6 +468,9 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
             if holder and holder[0].remaining == 0:
                 stream.tickets.discard(holder[0])
 
+        # Backpressure: past the queue limit a stream waits here (and so stops reading) instead
+        # of being refused.
+        await service.scheduler.wait_for_room(sum(len(seq) for seq in ids))
         try:
             ticket = service.submit_stream(ids, [spec] * len(ids), on_output, deadline)
         except NotReady:

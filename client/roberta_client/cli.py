@@ -260,6 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add(parser, "--tls", action="store_true", help="use TLS (system root certificates)")
     _add(parser, "--ca-cert", metavar="PEM", help="root certificates for TLS; implies --tls")
+    _add(parser, "--client-cert", metavar="PEM", help="client certificate for mutual TLS")
+    _add(parser, "--client-key", metavar="PEM", help="private key of --client-cert")
+    _add(parser, "--auth-token-file", metavar="FILE", help="bearer token to send")
     _add(
         parser,
         "--log-level",
@@ -326,14 +329,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
-    if not (args.tls or args.ca_cert):
+def _read(path: str | None) -> bytes | None:
+    if not path:
         return None
-    root = None
-    if args.ca_cert:
-        with open(args.ca_cert, "rb") as handle:
-            root = handle.read()
-    return grpc.ssl_channel_credentials(root_certificates=root)
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _credentials(args: argparse.Namespace) -> grpc.ChannelCredentials | None:
+    if not (args.tls or args.ca_cert or args.client_cert):
+        return None
+    return grpc.ssl_channel_credentials(
+        root_certificates=_read(args.ca_cert),
+        private_key=_read(args.client_key),
+        certificate_chain=_read(args.client_cert),
+    )
 
 
 def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -341,7 +351,17 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         "timeout": args.timeout,
         "max_message_bytes": args.max_message_bytes,
         "credentials": _credentials(args),
+        "auth_token": _token(args.auth_token_file),
     }
+
+
+def _token(path: str | None) -> str | None:
+    if not path:
+        return None
+    token = (_read(path) or b"").decode().strip()
+    if not token:
+        raise ValueError(f"--auth-token-file {path} is empty")
+    return token
 
 
 def main(argv: list[str] | None = None) -> int:

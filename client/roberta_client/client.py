@@ -262,7 +262,10 @@ class _ClientBase:
         credentials: grpc.ChannelCredentials | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         max_items_per_request: int | None = None,
+        auth_token: str | None = None,
     ) -> None:
+        if auth_token:
+            metadata = (*metadata, ("authorization", f"Bearer {auth_token}"))
         self.config = ClientConfig(
             target=target,
             timeout=timeout,
@@ -463,7 +466,10 @@ class RobertaClient(_ClientBase):
         retry: retry calls that fail with UNAVAILABLE, up to 4 attempts with exponential backoff.
         options: extra gRPC channel arguments; they override the ones computed from the above.
         credentials: use a secure channel with these credentials (`grpc.ssl_channel_credentials()`).
-        metadata: extra metadata sent with every call, such as `[("authorization", "Bearer ...")]`.
+        metadata: extra metadata sent with every call.
+        auth_token: a bearer token for a server started with `--auth-token-file`.
+            For TLS pass `credentials=grpc.ssl_channel_credentials(ca, key, cert)` (the key and
+            certificate for mutual TLS).
         max_items_per_request: how many items one request may carry; None asks the server
             (`GetModelInfo`, once, on the first list call of more than one item).
 

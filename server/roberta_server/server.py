@@ -134,11 +134,17 @@ async def serve(cfg: ServerConfig) -> int:
         await server.stop(0)
         metrics.close()
         return 0
-    hub = load_task.result()
-    cfg = cfg.resolved(hub.device.type)
-    validate(cfg, hub)
-    service = RobertaService(hub, cfg, metrics)
-    await service.start()
+    try:
+        hub = load_task.result()
+        cfg = cfg.resolved(hub.device.type)
+        validate(cfg, hub)
+        service = RobertaService(hub, cfg, metrics)
+        await service.start()
+    except BaseException:
+        # Close the listeners before the loop goes away, so the failure is all that is reported.
+        await server.stop(0)
+        metrics.close()
+        raise
     servicer.limits.CopyFrom(
         pb.ServerLimits(
             max_batch_tokens=cfg.max_batch_tokens,

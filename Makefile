@@ -40,6 +40,10 @@ bench-model: install
 bench: install
 	$(PY) bench/bench_server.py $(ARGS)
 
+# Bounded (default 5 minutes) mixed traffic with cancellations; not part of `make test`.
+soak: install
+	$(PY) bench/soak.py $(ARGS)
+
 lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

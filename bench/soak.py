@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import random
-import subprocess
 import sys
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from launch import Server
 from roberta_client import AsyncRobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
@@ -72,38 +72,6 @@ def _scrape(port: int) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             out[name] = float(value)
     return out
-
-
-class Server:
-    """The server under test, started on free ports; its JSON log gives them."""
-
-    def __init__(self, model: str):
-        cmd = [sys.executable, "-m", "roberta_server", "serve", "--model", model,
-               "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1",
-               "--metrics-port", "0", "--log-format", "json"]  # fmt: skip
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env=env)
-        self.port = self.metrics_port = 0
-        for line in self.proc.stderr:
-            record = json.loads(line) if line.startswith("{") else {}
-            if record.get("message") == "metrics listening":
-                self.metrics_port = record["metrics_port"]
-            elif record.get("message") == "grpc listening":
-                self.port = record["port"]
-            elif record.get("message") == "serving":
-                break
-        else:
-            raise RuntimeError(f"server exited with {self.proc.wait()}")
-        # Keep draining its log so the pipe never fills.
-        threading.Thread(target=lambda: [None for _ in self.proc.stderr], daemon=True).start()
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> int:
-        self.proc.terminate()
-        return self.proc.wait(120)
 
 
 async def unary_worker(stub, rng: random.Random, cfg: SoakConfig, end: float, t: Tally) -> None:

@@ -93,7 +93,11 @@ class Executor:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
     def computed_tokens(self, lengths: list[int]) -> int:
-        return sum(lengths) if self.varlen else len(lengths) * max(lengths)
+        return self.batch_cost(len(lengths), sum(lengths), max(lengths))
+
+    def batch_cost(self, count: int, total: int, longest: int) -> int:
+        """Tokens a batch of `count` sequences computes, from their sum and longest length."""
+        return total if self.varlen else count * longest
 
     # ---- on the device thread
 

@@ -30,6 +30,8 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 INTERACTIVE, BULK = 0, 1
+# Interactive traffic counts as present for this long after its last item arrived.
+INTERACTIVE_RECENT_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -38,6 +40,8 @@ class SchedulerConfig:
     max_batch_size: int = 64
     # Wait up to this long for a batch to fill while the model is idle; 0 = never wait.
     max_queue_delay_ms: float = 0.0
+    # Token budget of batches that carry bulk items while interactive traffic is present.
+    bulk_batch_tokens: int = 4096
     # How many waiting items batch formation looks at when grouping by length.
     lookahead: int = 1024
     # Batches handed to the executor before the previous ones finish. 1 forms each batch at the
@@ -89,7 +93,7 @@ class Scheduler:
         self,
         cfg: SchedulerConfig,
         submit_batch: Callable[[Batch], Future[BatchResult]],
-        cost: Callable[[list[int]], int],
+        cost: Callable[[int, int, int], int],
         metrics: Metrics,
     ):
         self.cfg = cfg
@@ -102,6 +106,7 @@ class Scheduler:
         self._room = asyncio.Event()
         # Recent real tokens per second of compute: turns a queue length into a retry hint.
         self._rate = 0.0
+        self._last_interactive = -INTERACTIVE_RECENT_S
         self._in_flight = 0
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
@@ -141,6 +146,8 @@ class Scheduler:
         for i, it in enumerate(items):
             it.owner, it.index, it.enqueued = ticket, i, now
         self._queues[ticket.priority].extend(items)
+        if ticket.priority == INTERACTIVE:
+            self._last_interactive = now
         self._queued_tokens += tokens
         self._class_tokens[ticket.priority] += tokens
         self._update_gauges()
@@ -225,8 +232,15 @@ class Scheduler:
         anchor = anchor_q[0]
         chosen = [anchor]
         chosen_ids = {id(anchor)}
-        lengths = [len(anchor.ids)]
-        for q in self._queues:
+        total = longest = len(anchor.ids)
+        # While interactive callers are about, bulk items join only small batches, so that an
+        # interactive request never waits long behind bulk work.
+        recent = time.monotonic() - self._last_interactive < INTERACTIVE_RECENT_S
+        budgets = (
+            self.cfg.max_batch_tokens,
+            self.cfg.bulk_batch_tokens if recent else self.cfg.max_batch_tokens,
+        )
+        for q, budget in zip(self._queues, budgets, strict=True):
             if len(chosen) >= self.cfg.max_batch_size:
                 break
             window = q[: self.cfg.lookahead]
@@ -235,13 +249,16 @@ class Scheduler:
                 key=lambda it: abs(len(it.ids) - len(anchor.ids)),
             )
             for it in by_closeness:
-                if self._cost(lengths + [len(it.ids)]) > self.cfg.max_batch_tokens:
+                n = len(it.ids)
+                if self._cost(len(chosen) + 1, total + n, max(longest, n)) > budget:
                     continue
                 chosen.append(it)
                 chosen_ids.add(id(it))
-                lengths.append(len(it.ids))
+                total += n
+                longest = max(longest, n)
                 if len(chosen) >= self.cfg.max_batch_size:
                     break
+        lengths = [len(it.ids) for it in chosen]
         for i, q in enumerate(self._queues):
             if any(id(it) in chosen_ids for it in q[: self.cfg.lookahead]):
                 self._queues[i][:] = [it for it in q if id(it) not in chosen_ids]

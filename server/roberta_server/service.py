@@ -103,12 +103,13 @@ class RobertaService:
                 max_batch_tokens=cfg.max_batch_tokens,
                 max_batch_size=cfg.max_batch_size,
                 max_queue_delay_ms=cfg.max_queue_delay_ms,
+                bulk_batch_tokens=cfg.bulk_batch_tokens,
                 lookahead=cfg.lookahead,
                 pipeline_depth=2 if hub.device.type == "cuda" else 1,
                 max_queued_tokens=cfg.max_queued_tokens,
             ),
             self.executor.submit,
-            self.executor.computed_tokens,
+            self.executor.batch_cost,
             metrics,
         )
         self._pool = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="roberta-tok")

@@ -33,7 +33,7 @@ class ServerConfig:
     )
     max_batch_size: int = _opt(0, "most sequences in one forward batch (0: 256 CUDA, 64 CPU)")
     bulk_batch_tokens: int = _opt(
-        0, "token budget of batches with stream items while unary calls are about (0: 1/8 of max)"
+        0, "token budget of batches with stream items while unary calls are about (0: 1/16 of max)"
     )
     max_queue_delay_ms: float = _opt(0.0, "wait this long for a batch to fill when idle")
     lookahead: int = _opt(1024, "queued items considered when grouping by length")
@@ -71,7 +71,7 @@ class ServerConfig:
             max_batch_tokens=self.max_batch_tokens or (16384 if cuda else 2048),
             max_batch_size=self.max_batch_size or (256 if cuda else 64),
             bulk_batch_tokens=self.bulk_batch_tokens
-            or (self.max_batch_tokens or (16384 if cuda else 2048)) // 8,
+            or (self.max_batch_tokens or (16384 if cuda else 2048)) // 16,
         )
 
 

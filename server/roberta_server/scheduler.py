@@ -8,7 +8,8 @@ the executor can take another batch, one is formed at once (no timer runs while 
 * the rest are the items closest in length to the anchor within a bounded look-ahead window, added
   while the batch stays within `max_batch_size` items and `max_batch_tokens` computed tokens
   (sum of lengths with varlen attention, items x longest when attention is padded). Interactive
-  items come first; bulk items fill what is left.
+  items come first; bulk (stream) items fill the capacity they leave: in batches of their own,
+  kept under `bulk_batch_tokens` while interactive traffic is about.
 
 Items whose request was cancelled or whose deadline passed are dropped before they reach the model.
 Outputs go back to each request's future; one request's items may span several batches.
@@ -30,8 +31,9 @@ from .metrics import Metrics
 log = logging.getLogger(__name__)
 
 INTERACTIVE, BULK = 0, 1
-# Interactive traffic counts as present for this long after its last item arrived.
-INTERACTIVE_RECENT_S = 1.0
+# Interactive traffic counts as present for this long after its last item arrived: long enough
+# to span the gaps of sparse traffic, so its next request does not meet a full-size bulk batch.
+INTERACTIVE_RECENT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -233,13 +235,16 @@ class Scheduler:
         chosen = [anchor]
         chosen_ids = {id(anchor)}
         total = longest = len(anchor.ids)
-        # While interactive callers are about, bulk items join only small batches, so that an
-        # interactive request never waits long behind bulk work.
-        recent = time.monotonic() - self._last_interactive < INTERACTIVE_RECENT_S
-        budgets = (
-            self.cfg.max_batch_tokens,
-            self.cfg.bulk_batch_tokens if recent else self.cfg.max_batch_tokens,
-        )
+        # While interactive callers are about, bulk items run only in small batches of their
+        # own: an interactive request then waits behind at most one small bulk batch, and its
+        # own batch carries no bulk work.
+        if anchor_q is self._queues[INTERACTIVE]:
+            bulk_budget = 0
+        elif time.monotonic() - self._last_interactive < INTERACTIVE_RECENT_S:
+            bulk_budget = self.cfg.bulk_batch_tokens
+        else:
+            bulk_budget = self.cfg.max_batch_tokens
+        budgets = (self.cfg.max_batch_tokens, bulk_budget)
         for q, budget in zip(self._queues, budgets, strict=True):
             if len(chosen) >= self.cfg.max_batch_size:
                 break

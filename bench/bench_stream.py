@@ -48,7 +48,7 @@ class Config:
     seconds: float = 40.0  # per measured phase
     warmup: float = 5.0
     interactive_rps: float = 2.0  # modest: a small fraction of what the server can answer
-    out: str = "bench/results"
+    out: str = str(Path(__file__).resolve().parent / "results")
 
 
 def single_token_words(limit: int = 2000) -> list[str]:

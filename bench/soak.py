@@ -41,7 +41,7 @@ class SoakConfig:
     stream_workers: int = 2
     cancel_probability: float = 0.1
     seed: int = 0
-    out: str = "bench/results"
+    out: str = str(Path(__file__).resolve().parent / "results")
 
 
 @dataclass

@@ -109,12 +109,14 @@ async def run_stream(
             if stream.results:
                 yield make_response(results=stream.take())
                 continue
-            if reader.done():
-                reader.result()  # re-raise what ended the reading, if anything
-                if not stream.in_flight:
-                    return
+            if reader.done() and not stream.in_flight:
+                # Everything accepted is answered; now report what ended the reading, if
+                # anything (a shutdown ends the stream with UNAVAILABLE only after its items).
+                reader.result()
+                return
             ready = asyncio.ensure_future(stream.wait_ready())
-            await asyncio.wait({ready, reader}, return_when=asyncio.FIRST_COMPLETED)
+            waiting = {ready} if reader.done() else {ready, reader}
+            await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
     finally:
         reader.cancel()

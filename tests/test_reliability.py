@@ -251,3 +251,47 @@ def test_graceful_shutdown_under_load_loses_no_accepted_request(sig):
         assert finished_after, "work in flight at the signal should still complete"
         messages = [r.get("message") for r in srv.logs]
         assert "shutting down" in messages and messages[-1] == "stopped"
+
+
+def test_shutdown_answers_a_streams_items_then_ends_it_with_unavailable():
+    """An open stream does not hold shutdown for the whole grace: the items it sent are answered,
+    then it ends with UNAVAILABLE (the SDK resends anything unanswered elsewhere)."""
+    with ServerProcess(
+        "--model", "random:tiny", "--max-batch-size", "2", "--shutdown-grace", "120"
+    ) as srv:  # fmt: skip
+        srv.wait_ready()
+        channel = srv.channel()
+        stub = roberta_pb2_grpc.RobertaStub(channel)
+        sent = threading.Event()
+        hold = threading.Event()
+
+        def requests():
+            yield pb.ExtractFeaturesStreamRequest(
+                items=[
+                    pb.StreamItem(id=str(i), input=pb.Input(text="word " * 200)) for i in range(40)
+                ],
+                options=pb.FeatureOptions(pooling=pb.POOLING_CLS),
+            )
+            sent.set()
+            hold.wait(120)  # the client keeps its side open and sends nothing more
+
+        call = stub.ExtractFeaturesStream(requests())
+        assert next(call).window.max_in_flight > 0
+        assert sent.wait(30)
+        answered: list[str] = []
+        t0 = 0.0
+        with pytest.raises(grpc.RpcError) as err:
+            for response in call:
+                answered += [r.id for r in response.results]
+                if not t0:  # the first results: all 40 items were accepted; most still queued
+                    t0 = time.monotonic()
+                    srv.proc.send_signal(signal.SIGTERM)
+        assert 0 < len(answered)
+        hold.set()
+        assert err.value.code() is grpc.StatusCode.UNAVAILABLE, err.value
+        assert "shutting down" in err.value.details()
+        assert sorted(answered, key=int) == [str(i) for i in range(40)]
+        assert srv.proc.wait(60) == 0
+        # Well inside the 120 s grace: the idle stream did not hold the server up.
+        assert time.monotonic() - t0 < 60
+        channel.close()

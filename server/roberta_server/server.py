@@ -169,11 +169,14 @@ async def serve(cfg: ServerConfig) -> int:
     log.info("shutting down", extra={"grace_seconds": cfg.shutdown_grace})
     await health.enter_graceful_shutdown()
     metrics.ready.set(0)
-    service.accepting = False
-    # Handlers already running keep going; new RPCs are refused by the server from here on.
-    stopping = asyncio.ensure_future(server.stop(cfg.shutdown_grace))
-    await service.close(cfg.shutdown_grace)
-    await stopping
+    # New calls are refused with UNAVAILABLE from here on; accepted ones finish first, then the
+    # scheduler and device stop, then the listener (nothing is left for its grace to cut short).
+    service.stop_accepting()
+    until = loop.time() + cfg.shutdown_grace
+    if not await servicer.drain(cfg.shutdown_grace):
+        log.warning("shutdown grace of %.1fs passed with requests unanswered", cfg.shutdown_grace)
+    await service.close(max(0.0, until - loop.time()))
+    await server.stop(max(0.0, until - loop.time()))
     metrics.close()
     log.info("stopped")
     return 0

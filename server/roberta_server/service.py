@@ -114,6 +114,7 @@ class RobertaService:
         )
         self._pool = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="roberta-tok")
         self.accepting = True
+        self.closing = asyncio.Event()  # set with accepting = False: streams stop reading
 
     async def start(self) -> None:
         self.scheduler.start()
@@ -129,9 +130,14 @@ class RobertaService:
             await self.fill_mask(["Hello <mask>!"], 5)
         log.info("warm-up done", extra={"seconds": round(time.perf_counter() - t0, 3)})
 
+    def stop_accepting(self) -> None:
+        """Refuse new work from now on; streams stop reading once their current message is in."""
+        self.accepting = False
+        self.closing.set()
+
     async def close(self, grace: float) -> None:
         """Finish queued work (up to `grace` seconds), then stop the scheduler and the device."""
-        self.accepting = False
+        self.stop_accepting()
         try:
             await asyncio.wait_for(self.scheduler.wait_idle(), grace)
         except TimeoutError:

@@ -32,6 +32,9 @@ from .streams import ItemStream, item_error_message, run_stream
 
 log = logging.getLogger(__name__)
 
+# Shutdown stops the listener only after this long without a new call (see RobertaServicer.drain).
+DRAIN_QUIET_S = 0.25
+
 STATUS = {
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotFound: grpc.StatusCode.NOT_FOUND,
@@ -94,6 +97,7 @@ def rpc(name: str) -> Callable[[Handler], Handler]:
         async def wrapper(self: RobertaServicer, request: object, context) -> object:
             m = self.metrics
             m.in_flight.inc()
+            self._handler_started()
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             counted = False
@@ -105,6 +109,7 @@ def rpc(name: str) -> Callable[[Handler], Handler]:
                     return
                 recorded = True
                 self.unary_in_flight -= counted
+                self._handler_ended()
                 m.in_flight.dec()
                 m.requests.labels(name, code.name).inc()
                 m.request_seconds.labels(name).observe(time.perf_counter() - t0)
@@ -153,6 +158,7 @@ def stream_rpc(name: str) -> Callable:
             m.in_flight.inc()
             m.streams_open.inc()
             self.streams += 1
+            self._handler_started()
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
             try:
@@ -177,6 +183,7 @@ def stream_rpc(name: str) -> Callable:
                     context.set_trailing_metadata(_trailers(exc))
             finally:
                 self.streams -= 1
+                self._handler_ended()
                 m.in_flight.dec()
                 m.streams_open.dec()
                 m.requests.labels(name, code.name).inc()
@@ -245,8 +252,44 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
         self.max_streams = max_streams
         self.unary_in_flight = 0
         self.streams = 0
+        self._handlers = 0  # unary and stream handlers running, refused ones included
+        self._no_handlers = asyncio.Event()
+        self._no_handlers.set()
+        self._last_call = 0.0  # loop time the latest handler started
         # Set once the model is loaded and warmed up; until then every RPC is UNAVAILABLE.
         self.service: RobertaService | None = None
+
+    def _handler_started(self) -> None:
+        self._handlers += 1
+        self._last_call = asyncio.get_running_loop().time()
+        self._no_handlers.clear()
+
+    def _handler_ended(self) -> None:
+        self._handlers -= 1
+        if not self._handlers:
+            self._no_handlers.set()
+
+    async def drain(self, timeout: float, quiet: float = DRAIN_QUIET_S) -> bool:
+        """Wait until no handler runs and no call has come for `quiet` seconds (new calls are
+        refused with UNAVAILABLE meanwhile); False if `timeout` passes first.
+
+        Shutdown waits for this before it stops the service, so an accepted request (perhaps
+        still tokenizing, not yet queued) is answered rather than cancelled; and before it stops
+        the listener, because grpc cancels (CANCELLED, not UNAVAILABLE) a call that reached it
+        just before it stopped, such as the next call of a client that was just answered."""
+        loop = asyncio.get_running_loop()
+        until = loop.time() + timeout
+        while True:
+            try:
+                await asyncio.wait_for(self._no_handlers.wait(), until - loop.time())
+            except TimeoutError:
+                return False
+            calm = self._last_call + quiet - loop.time()
+            if calm <= 0:
+                return True
+            if loop.time() + calm > until:
+                return False
+            await asyncio.sleep(calm)
 
     def _check_response_size(self, rpc_name: str, response) -> None:
         """Refuse a response grpc would fail to send, saying what to change (grpc itself would
@@ -520,7 +563,7 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
 
         async for response in run_stream(
             requests, context, stream, handle, pb.ExtractFeaturesStreamResponse, self._window(),
-            self.service.cancel,
+            self.service.cancel, self.service.closing,
         ):  # fmt: skip
             yield response
 
@@ -554,6 +597,6 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
 
         async for response in run_stream(
             requests, context, stream, handle, pb.ClassifyStreamResponse, self._window(),
-            service.cancel,
+            service.cancel, service.closing,
         ):  # fmt: skip
             yield response

@@ -16,6 +16,7 @@ from typing import Any
 import grpc
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 
+from .errors import NotReady
 from .scheduler import DeadlineExceeded, Ticket
 
 log = logging.getLogger(__name__)
@@ -91,35 +92,56 @@ async def run_stream(
     make_response: Callable[..., Any],
     window: pb.StreamWindow,
     cancel: Callable[[Ticket], None],
+    closing: asyncio.Event,
 ) -> AsyncIterator[Any]:
     """Yield the response messages of one stream.
 
     `handle(request, stream)` validates and queues one request message's items, reserving their
-    place in the window first; their results reach `stream.put` as they finish.
+    place in the window first; their results reach `stream.put` as they finish. Once `closing`
+    is set (shutdown) no further message is read; the items already accepted are answered and
+    the stream then ends with UNAVAILABLE, so the client resends the rest elsewhere.
     """
+    handling = False
 
-    async def read() -> None:
+    async def read() -> bool:
+        """Handle request messages; True when reading stopped for a shutdown."""
+        nonlocal handling
         async for request in requests:
+            handling = True
             await handle(request, stream)
+            handling = False
+            if closing.is_set():
+                return True
+        return False
 
     reader = asyncio.ensure_future(read())
+    stop = asyncio.ensure_future(closing.wait())
     try:
         yield make_response(window=window)
         while True:
             if stream.results:
                 yield make_response(results=stream.take())
                 continue
+            if closing.is_set() and not reader.done() and not handling:
+                # Between messages: nothing half-accepted is lost by no longer reading.
+                reader.cancel()
             if reader.done() and not stream.in_flight:
                 # Everything accepted is answered; now report what ended the reading, if
                 # anything (a shutdown ends the stream with UNAVAILABLE only after its items).
-                reader.result()
+                if reader.cancelled() or reader.result():
+                    raise NotReady("server is shutting down: resend unanswered items")
                 return
             ready = asyncio.ensure_future(stream.wait_ready())
-            waiting = {ready} if reader.done() else {ready, reader}
+            waiting = {ready}
+            if not reader.done():
+                waiting.add(reader)
+            if not closing.is_set():
+                waiting.add(stop)
             await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
             ready.cancel()
     finally:
         reader.cancel()
+        stop.cancel()
         # The client went away, or the stream failed: queued items of this stream must not run.
         for ticket in list(stream.tickets):
             cancel(ticket)

@@ -12,7 +12,14 @@ import torch.nn.functional as F
 from conftest import SMALL, build_model, run_packed, token_seqs
 from roberta_server import checkpoints
 from roberta_server.hub import RobertaHub
-from roberta_server.model import Roberta, cu_seqlens_of, gelu, layer_norm
+from roberta_server.model import (
+    PackedLayout,
+    Roberta,
+    cu_seqlens_of,
+    gelu,
+    layer_norm,
+    layout_attention,
+)
 from torch import nn
 
 log = logging.getLogger(__name__)
@@ -240,6 +247,29 @@ def test_packed_equals_alone_float32(mixed_float32):
     # The batch order does not matter either.
     reordered = run_packed(model, seqs[::-1])[::-1]
     assert _scaled_error(reordered, packed) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_per_sequence_and_padded_attention_agree(dtype):
+    """Both ways of running attention without varlen kernels give the same result per sequence."""
+    lengths = [3, 17, 1, 9]
+    cu = cu_seqlens_of(lengths)
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(sum(lengths), 4, 8, generator=gen).to(dtype) for _ in range(3))
+    per_seq = PackedLayout.build(cu, max(lengths))
+    padded = PackedLayout.build(cu, max(lengths), per_sequence=False)
+    assert per_seq.bounds == [0, 3, 20, 21, 30] and padded.bounds is None
+    a = layout_attention(q, k, v, per_seq)
+    b = layout_attention(q, k, v, padded)
+    assert a.shape == q.shape
+    assert (a.float() - b.float()).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
+    # And each equals plain attention over that sequence alone.
+    start = 3
+    qi, ki, vi = (x[start : start + 17].float().transpose(0, 1) for x in (q, k, v))
+    ref = torch.softmax(qi @ ki.transpose(1, 2) / 8**0.5, -1) @ vi
+    assert (a[start : start + 17].float() - ref.transpose(0, 1)).abs().max() < (
+        1e-5 if dtype == torch.float32 else 2e-2
+    )
 
 
 def test_forward_keeps_requested_layers(mixed_float32):

@@ -36,6 +36,11 @@ class ServerConfig:
         0, "token budget of batches with stream items while unary calls are about (0: 1/16 of max)"
     )
     max_queue_delay_ms: float = _opt(0.0, "wait this long for a batch to fill when idle")
+    refill_wait_ms: float = _opt(
+        25.0,
+        "after a batch, wait up to this long (and a tenth of its compute time) for the callers it "
+        "answered to send again, so they share the next batch (0: off)",
+    )
     lookahead: int = _opt(1024, "queued items considered when grouping by length")
     max_items_per_request: int = _opt(1024, "most items in one request")
     max_message_bytes: int = _opt(64 << 20, "largest gRPC message received or sent")

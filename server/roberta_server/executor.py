@@ -75,6 +75,8 @@ class Executor:
         # Packed varlen attention costs the sum of lengths; the padded fallback costs B x longest.
         self.varlen = self.device.type == "cuda" and varlen_attn is not None
         self.varlen = self.varlen and hub.dtype != torch.float32
+        # On the CPU attention runs per sequence (model.PackedLayout): no padding.
+        self.unpadded = self.varlen or self.device.type == "cpu"
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roberta-device")
         self._thread_ident: int | None = None
         # Test hook: called with each batch before its forward pass, to inject faults.
@@ -97,7 +99,7 @@ class Executor:
 
     def batch_cost(self, count: int, total: int, longest: int) -> int:
         """Tokens a batch of `count` sequences computes, from their sum and longest length."""
-        return total if self.varlen else count * longest
+        return total if self.unpadded else count * longest
 
     # ---- on the device thread
 

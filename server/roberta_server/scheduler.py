@@ -1,7 +1,8 @@
 """Scheduling: the item queue, batch formation, priorities, deadlines and cancellation.
 
 Requests are split into items (one sequence each) that wait in a queue per priority class. When
-the executor can take another batch, one is formed at once (no timer runs while work is queued):
+the executor can take another batch, one is formed at once, save for one short bounded wait
+(`refill_wait_ms`, below) for callers that were answered a moment ago:
 
 * its *anchor* is the oldest waiting item of the most urgent class, so every item is in the first
   batch formed after the items ahead of it in its class have gone: nothing starves;
@@ -34,6 +35,8 @@ INTERACTIVE, BULK = 0, 1
 # Interactive traffic counts as present for this long after its last item arrived: long enough
 # to span the gaps of sparse traffic, so its next request does not meet a full-size bulk batch.
 INTERACTIVE_RECENT_S = 10.0
+# The refill wait (SchedulerConfig.refill_wait_ms) costs at most this share of throughput.
+REFILL_FRACTION = 0.1
 
 
 @dataclass(frozen=True)
@@ -50,6 +53,12 @@ class SchedulerConfig:
     # last moment (best grouping when batches are long, as on a CPU); 2 lets the device thread
     # start the next batch without waiting for the event loop (GPU).
     pipeline_depth: int = 1
+    # Closed-loop callers (each waits for its reply before sending the next item) split into two
+    # halves that take turns: a batch is formed the moment the device is free, from the items
+    # that arrived while the previous batch ran, so it holds about half of the callers. Instead,
+    # after a batch of n items, wait until n more items than were then queued have arrived (the
+    # callers just answered), for at most this many ms and REFILL_FRACTION of that batch's time.
+    refill_wait_ms: float = 25.0
     # Admission: waiting tokens beyond which unary requests are refused with RESOURCE_EXHAUSTED
     # (counting interactive items only, so bulk streams never lock interactive callers out) and
     # stream items wait for room (counting everything).
@@ -110,6 +119,8 @@ class Scheduler:
         self._rate = 0.0
         self._last_interactive = -INTERACTIVE_RECENT_S
         self._in_flight = 0
+        self._refill_target = 0  # queued items worth waiting for; 0 = none
+        self._refill_until = 0.0  # time.monotonic() the wait ends
         self._wakeup = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -293,6 +304,21 @@ class Scheduler:
                         pass
                     else:
                         continue
+            if not self._in_flight and self._refill_target:
+                wait = self._refill_until - time.monotonic()
+                if (
+                    wait > 0
+                    and self.queued_items < self._refill_target
+                    and self._queued_tokens < self.cfg.max_batch_tokens
+                ):
+                    self._wakeup.clear()
+                    try:
+                        await asyncio.wait_for(self._wakeup.wait(), wait)
+                    except TimeoutError:
+                        pass
+                    else:
+                        continue
+            self._refill_target = 0
             batch = self._form_batch()
             if batch is None:
                 continue
@@ -323,6 +349,11 @@ class Scheduler:
         m.computed_tokens.inc(result.computed_tokens)
         m.packing.observe(real / result.computed_tokens)
         m.inference_seconds.observe(result.seconds)
+        # The callers answered below usually send again within a few ms: worth a short wait.
+        self._refill_target = min(self.queued_items + len(batch.items), self.cfg.max_batch_size)
+        self._refill_until = time.monotonic() + min(
+            self.cfg.refill_wait_ms / 1000, REFILL_FRACTION * result.seconds
+        )
         if result.seconds > 0:
             self._rate = (
                 0.8 * self._rate + 0.2 * (real / result.seconds)

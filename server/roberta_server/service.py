@@ -103,6 +103,7 @@ class RobertaService:
                 max_batch_tokens=cfg.max_batch_tokens,
                 max_batch_size=cfg.max_batch_size,
                 max_queue_delay_ms=cfg.max_queue_delay_ms,
+                refill_wait_ms=cfg.refill_wait_ms,
                 bulk_batch_tokens=cfg.bulk_batch_tokens,
                 lookahead=cfg.lookahead,
                 pipeline_depth=2 if hub.device.type == "cuda" else 1,

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: install serve test protos check-protos bench bench-model lint format soak
+.PHONY: install serve test protos check-protos bench bench-stream bench-model lint format soak
 
 install: $(STAMP)
 
@@ -37,8 +37,14 @@ check-protos: install
 bench-model: install
 	$(PY) bench/bench_model.py $(ARGS)
 
+# The server benchmark (issue targets a-e), then bulk streams against the same ceiling and the
+# interactive p99 beside them. ARGS go to the first; `--quick` shortens both.
 bench: install
 	$(PY) bench/bench_server.py $(ARGS)
+	$(PY) bench/bench_stream.py $(if $(findstring --quick,$(ARGS)),--quick)
+
+bench-stream: install
+	$(PY) bench/bench_stream.py $(ARGS)
 
 # Bounded (default 5 minutes) mixed traffic with cancellations; not part of `make test`.
 soak: install

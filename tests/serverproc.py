@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -120,4 +121,15 @@ def export_checkpoint(model: str, out: Path, fmt: str = "fairseq") -> Path:
          "--out", str(out)],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
+    return out
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """One real HTTP scrape of /metrics: {sample name with labels: value}."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            out[name] = float(value)
     return out

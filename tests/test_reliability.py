@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 
 import grpc
 import numpy as np
@@ -19,19 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from roberta_client import RobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
-from serverproc import ServerProcess
+from serverproc import ServerProcess, scrape_metrics
 
 log = logging.getLogger(__name__)
-
-
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 def _rss_mib(pid: int) -> float:
@@ -98,7 +87,7 @@ def test_overload_fails_fast_with_a_retry_hint_and_memory_stays_bounded():
                 assert len(reply.results) == 4 and list(reply.results[0].tensor.shape) == [1, 64]
         # Three rounds of 10x overload leave the server's memory where one round put it.
         assert rss_end - rss_start < 150, (rss_start, rss_end)
-        m = _scrape(srv.metrics_port)
+        m = scrape_metrics(srv.metrics_port)
         assert m["roberta_queue_items"] == 0 and m["roberta_requests_in_flight"] == 0
         with RobertaClient(srv.target) as c:
             assert c.encode("Hello world!").tolist() == [0, 31414, 232, 328, 2]
@@ -109,13 +98,13 @@ def test_expired_and_cancelled_items_are_dropped_before_compute():
         "--model", "random:tiny", "--max-batch-size", "1", "--max-batch-tokens", "512"
     ) as srv:  # fmt: skip
         srv.wait_ready()
-        before = _scrape(srv.metrics_port)
+        before = scrape_metrics(srv.metrics_port)
         channel = srv.channel()
         stub = roberta_pb2_grpc.RobertaStub(channel)
         # A long request keeps the model busy one item at a time...
         busy = stub.ExtractFeatures.future(_features_request(["busy " * 500] * 1000), timeout=120)
         deadline = time.monotonic() + 30
-        while _scrape(srv.metrics_port)["roberta_queue_items"] < 500:
+        while scrape_metrics(srv.metrics_port)["roberta_queue_items"] < 500:
             assert time.monotonic() < deadline, "the busy request never queued"
             time.sleep(0.02)
         # ...while these wait behind it and run out of time.
@@ -128,7 +117,7 @@ def test_expired_and_cancelled_items_are_dropped_before_compute():
         assert len(busy.result().results) == 1000
         deadline = time.monotonic() + 30
         while True:
-            m = _scrape(srv.metrics_port)
+            m = scrape_metrics(srv.metrics_port)
             dropped = sum(
                 m[k] - before.get(k, 0) for k in m if k.startswith("roberta_items_dropped_total")
             )
@@ -180,7 +169,7 @@ def test_faults_are_isolated_to_the_items_that_cause_them():
         bad = results[-1]
         assert bad[0] is grpc.StatusCode.INTERNAL
         assert "injected fault" in bad[1]
-        m = _scrape(srv.metrics_port)
+        m = scrape_metrics(srv.metrics_port)
         # The big batches really failed and were split: more batches than requests ran.
         assert m["roberta_item_failures_total"] >= 1
         with RobertaClient(srv.target) as c:

@@ -10,7 +10,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
@@ -19,7 +18,7 @@ import pytest
 from roberta_client import RobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
-from serverproc import ServerProcess
+from serverproc import ServerProcess, scrape_metrics
 
 WINDOW = 64
 
@@ -36,16 +35,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +123,7 @@ def test_window_is_advertised_and_bounds_what_the_server_holds(server):
     answered, most_queued = 0, 0
     for response in call:
         answered += len(response.results)
-        queued = _scrape(server.metrics_port)["roberta_queue_items"]
+        queued = scrape_metrics(server.metrics_port)["roberta_queue_items"]
         most_queued = max(most_queued, queued)
     assert answered == total
     # The client offered everything at once; the server took no more than its window.
@@ -157,13 +146,13 @@ def test_a_client_that_disconnects_frees_the_server(tmp_path):
         call = stub.ExtractFeaturesStream(requests)
         next(call)  # the window
         deadline = time.monotonic() + 30
-        while _scrape(srv.metrics_port)["roberta_queue_items"] < 100:
+        while scrape_metrics(srv.metrics_port)["roberta_queue_items"] < 100:
             assert time.monotonic() < deadline, "items never queued"
             time.sleep(0.05)
         call.cancel()
         deadline = time.monotonic() + 60
         while True:
-            m = _scrape(srv.metrics_port)
+            m = scrape_metrics(srv.metrics_port)
             if m["roberta_queue_items"] == 0 and m["roberta_streams_open"] == 0:
                 break
             assert time.monotonic() < deadline, f"queue never emptied: {m['roberta_queue_items']}"

@@ -293,31 +293,10 @@ class Scheduler:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self.cfg.max_queue_delay_ms > 0 and not self._in_flight:
-                oldest = min(q[0].enqueued for q in self._queues if q)
-                wait = oldest + self.cfg.max_queue_delay_ms / 1000 - time.monotonic()
-                if wait > 0 and self._queued_tokens < self.cfg.max_batch_tokens:
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), wait)
-                    except TimeoutError:
-                        pass
-                    else:
-                        continue
-            if not self._in_flight and self._refill_target:
-                wait = self._refill_until - time.monotonic()
-                if (
-                    wait > 0
-                    and self.queued_items < self._refill_target
-                    and self._queued_tokens < self.cfg.max_batch_tokens
-                ):
-                    self._wakeup.clear()
-                    try:
-                        await asyncio.wait_for(self._wakeup.wait(), wait)
-                    except TimeoutError:
-                        pass
-                    else:
-                        continue
+            if not self._in_flight and self._queued_tokens < self.cfg.max_batch_tokens:
+                # The device is idle and a batch could take more: wait a bounded while for it.
+                if await self._more_within(self._fill_wait()):
+                    continue
             self._refill_target = 0
             batch = self._form_batch()
             if batch is None:
@@ -327,6 +306,29 @@ class Scheduler:
             future.add_done_callback(
                 lambda f, b=batch: loop.call_soon_threadsafe(self._complete, b, f)
             )
+
+    def _fill_wait(self) -> float:
+        """Seconds worth waiting for more items: the --max-queue-delay-ms of the oldest waiting
+        item, or until the callers just answered have sent again (the refill wait)."""
+        now = time.monotonic()
+        wait = 0.0
+        if self.cfg.max_queue_delay_ms > 0:
+            oldest = min(q[0].enqueued for q in self._queues if q)
+            wait = oldest + self.cfg.max_queue_delay_ms / 1000 - now
+        if self._refill_target and self.queued_items < self._refill_target:
+            wait = max(wait, self._refill_until - now)
+        return wait
+
+    async def _more_within(self, seconds: float) -> bool:
+        """True if new items or a finished batch came within `seconds` (<= 0: no wait)."""
+        if seconds <= 0:
+            return False
+        self._wakeup.clear()
+        try:
+            await asyncio.wait_for(self._wakeup.wait(), seconds)
+        except TimeoutError:
+            return False
+        return True
 
     # ---- completion (on the event loop)
 

@@ -9,7 +9,12 @@ The three run interleaved, batch by batch, so that a noisy machine slows them al
 ratios inside one run, not absolute figures across runs. Random weights (`random:SIZE` shapes):
 compute does not depend on the values.
 
+On CUDA in half precision it also times one 32-token sequence, host to host, run eagerly and as
+a replayed CUDA graph (`roberta_server.cuda_graphs`).
+
     python bench/bench_model.py [--quick] [--size base|tiny|large] [--dtypes float32,bfloat16]
+    python bench/bench_model.py --device cuda --size large --dtypes bfloat16 --budget 16384 \
+        --ceiling 128x128
 """
 
 from __future__ import annotations
@@ -34,19 +39,20 @@ try:
 except ImportError:  # a source tree that was not pip-installed
     sys.path.insert(0, str(HERE.parent / "server"))
 
-from roberta_server.model import SIZES, Roberta, cu_seqlens_of  # noqa: E402
+from roberta_server.cuda_graphs import EncoderGraphs  # noqa: E402
+from roberta_server.model import SIZES, Roberta, cu_seqlens_of, varlen_attn  # noqa: E402
 from workload import describe, length_sorted_batches, random_token_seqs, standard_lengths  # noqa: E402
 
 log = logging.getLogger("bench_model")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-CEILING_BATCH, CEILING_LEN = 16, 64
 MODES = ("ceiling", "padded", "packed")
 LABELS = {
-    "ceiling": f"fixed {CEILING_BATCH}x{CEILING_LEN}, no padding (ceiling)",
+    "ceiling": "fixed shape, no padding (ceiling)",
     "padded": "length-sorted, padded to longest",
     "packed": "length-sorted, packed (cu_seqlens)",
 }
+SINGLE_LENGTH = 32
 
 
 @dataclass
@@ -107,7 +113,7 @@ def bench_dtype(
 ) -> dict[str, Tally]:
     """Rounds of (ceiling batch, padded group, packed group) until `seconds` have been spent."""
     tallies = {mode: Tally() for mode in MODES}
-    ceiling_tokens = CEILING_BATCH * CEILING_LEN
+    ceiling_tokens = len(ceiling) * len(ceiling[0])
     # Warm-up: first calls allocate and pick kernels.
     runner.run(ceiling)
     runner.run(groups[0][:8])
@@ -123,6 +129,34 @@ def bench_dtype(
         if time.perf_counter() - started >= seconds:
             break
     return tallies
+
+
+@torch.inference_mode()
+def single_sequence_ms(model: Roberta, device: torch.device, reps: int) -> dict[str, float]:
+    """Median ms of one SINGLE_LENGTH-token sequence, host tokens in, synchronized: an eager
+    forward pass and a replay of the CUDA graph the server would use."""
+    seq = random_token_seqs([SINGLE_LENGTH], 7)[0]
+    flat = torch.tensor(seq, dtype=torch.long)
+    graphs = EncoderGraphs(model, device, SINGLE_LENGTH)
+    graphs.capture()
+    bucket = graphs.bucket_for([SINGLE_LENGTH])
+
+    def eager() -> None:
+        model(flat.to(device), cu_seqlens_of([SINGLE_LENGTH], device), SINGLE_LENGTH)
+
+    def replay() -> None:
+        graphs.run(flat, [SINGLE_LENGTH], bucket)
+
+    out = {}
+    for name, fn in (("eager", eager), ("cuda_graph", replay)):
+        times = []
+        for _ in range(reps + 5):  # the first five warm up
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device)
+            times.append(1e3 * (time.perf_counter() - start))
+        out[f"{name}_ms"] = sorted(times[5:])[reps // 2]
+    return out
 
 
 def print_table(rows: list[dict], ratios: dict[str, dict[str, float]]) -> None:
@@ -154,6 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--budget", type=int, default=2048, help="tokens per padded batch")
+    p.add_argument("--ceiling", default="16x64", help="fixed ceiling batch, BATCHxLENGTH")
     p.add_argument("--seconds", type=float, help="time per dtype (default 30, --quick 4)")
     p.add_argument("--sequences", type=int, default=2000, help="size of the standard mix drawn")
     p.add_argument("--seed", type=int, default=0, help="workload seed (0: the standard mix)")
@@ -167,6 +202,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"unknown dtype(s) {unknown}; choose from {', '.join(DTYPES)}")
     if args.seconds is None:
         args.seconds = 4.0 if args.quick else 30.0
+    try:
+        args.ceiling = tuple(int(x) for x in args.ceiling.lower().split("x"))
+        if len(args.ceiling) != 2 or min(args.ceiling) < 1:
+            raise ValueError
+    except ValueError:
+        p.error(f"--ceiling takes BATCHxLENGTH, e.g. 16x64, not {args.ceiling!r}")
     return args
 
 
@@ -184,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     seqs = random_token_seqs(lengths, args.seed)
     groups = [[seqs[i] for i in g] for g in length_sorted_batches(lengths, args.budget)]
     random.Random(args.seed).shuffle(groups)  # early stopping still samples the whole mix
-    ceiling = random_token_seqs([CEILING_LEN] * CEILING_BATCH, args.seed + 1)
+    ceiling_batch, ceiling_len = args.ceiling
+    ceiling = random_token_seqs([ceiling_len] * ceiling_batch, args.seed + 1)
     log.info(
         "workload: %s in %d batches of <= %d tokens", describe(lengths), len(groups), args.budget
     )
@@ -196,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
     model.eval()
     log.info("random:%s shapes built in %.1f s", args.size, time.perf_counter() - started)
 
-    rows, ratios = [], {}
+    rows, ratios, single = [], {}, {}
     for name in args.dtypes:
         runner = Runner(model.to(device=device, dtype=DTYPES[name]), device)
+        if device.type == "cuda" and varlen_attn is not None and name != "float32":
+            single[name] = single_sequence_ms(model, device, 20 if args.quick else 100)
         log.info("%s: measuring for ~%.0f s", name, args.seconds)
         tallies = bench_dtype(runner, groups, ceiling, args.seconds)
         ceiling_rate = tallies["ceiling"].useful_per_s
@@ -222,7 +266,13 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.num_heads} heads), {device}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}{', quick' if args.quick else ''}"
     )
+    print(f"ceiling shape {ceiling_batch}x{ceiling_len}, packed/padded batches <= {args.budget}")
     print_table(rows, ratios)
+    for name, ms in single.items():
+        print(
+            f"{name}: one {SINGLE_LENGTH}-token sequence, host to host: eager "
+            f"{ms['eager_ms']:.2f} ms, CUDA graph {ms['cuda_graph_ms']:.2f} ms"
+        )
 
     result = {
         "benchmark": "model",
@@ -235,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "seconds_per_dtype": args.seconds,
             "budget_tokens": args.budget,
-            "ceiling_shape": [CEILING_BATCH, CEILING_LEN],
+            "ceiling_shape": list(args.ceiling),
             "workload": describe(lengths) | {"seed": args.seed, "batches": len(groups)},
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -245,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": rows,
         "ratios_vs_ceiling": ratios,
+        "single_sequence_ms": single,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -2,7 +2,8 @@
 
 For each dtype (float32 then bfloat16 by default), on this one machine:
   a. ceiling: the model alone, in-process (`roberta_server.load`), fixed shapes with no padding,
-     best of a few batch shapes of <= 2048 tokens (the server's CPU batch budget): useful tok/s;
+     best of a few batch shapes of <= 2048 tokens (the server's CPU batch budget; 16384 on
+     CUDA): useful tok/s;
   b. server: a separate load-generator process (loadgen.py, grpc.aio, one event loop) with N
      concurrent clients (default 32), each sending unary requests of ONE text of the standard mix,
      alternately ExtractFeatures (CLS pooling) and Classify (head mnli): tok/s and latency;
@@ -67,6 +68,8 @@ DTYPES = ("float32", "bfloat16")
 # Candidate ceiling shapes (batch, length), all within the CPU server's 2048-token batch budget.
 CEILING_SHAPES = ((16, 64), (32, 64), (64, 32))
 QUICK_CEILING_SHAPES = ((16, 64), (32, 64))
+# On CUDA: shapes of the GPU server's 16384-token batch budget.
+CUDA_CEILING_SHAPES = ((64, 256), (128, 128), (256, 64))
 IDLE_LENGTH = 32
 # Foreign CPU use (cores) above which a phase is flagged as disturbed by other jobs.
 NOISY_FOREIGN_CORES = 0.2
@@ -409,6 +412,8 @@ class InProcessModel:
         self.hub = load(cfg.model, cfg.device, dtype)
         self.model, self.device = self.hub.model, self.hub.device
         shapes = QUICK_CEILING_SHAPES if cfg.quick else CEILING_SHAPES
+        if self.device.type == "cuda":
+            shapes = CUDA_CEILING_SHAPES
         self.batches = {f"{b}x{n}": random_token_seqs([n] * b, cfg.seed + 1) for b, n in shapes}
         self.bursts: list[dict[str, Any]] = []
         for seqs in self.batches.values():

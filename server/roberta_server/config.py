@@ -41,6 +41,11 @@ class ServerConfig:
         "after a batch, wait up to this long (and a tenth of its compute time) for the callers it "
         "answered to send again, so they share the next batch (0: off)",
     )
+    cuda_graph_tokens: int = _opt(
+        512,
+        "CUDA, half precision: batches of up to this many tokens replay captured graphs, one per "
+        "power-of-two bucket from 32 (0: off)",
+    )
     lookahead: int = _opt(1024, "queued items considered when grouping by length")
     max_items_per_request: int = _opt(1024, "most items in one request")
     max_message_bytes: int = _opt(64 << 20, "largest gRPC message received or sent")

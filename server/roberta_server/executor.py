@@ -33,6 +33,7 @@ from .batch import (
     Item,
     Output,
 )
+from .cuda_graphs import EncoderGraphs
 from .hub import RobertaHub, fill_mask_candidates
 from .model import cu_seqlens_of, varlen_attn
 
@@ -68,7 +69,7 @@ def injected_faults(oom_tokens: int, poison_id: int) -> Callable[[list[Item]], N
 class Executor:
     """Runs batches on a single device thread; `submit` returns a future of the BatchResult."""
 
-    def __init__(self, hub: RobertaHub):
+    def __init__(self, hub: RobertaHub, cuda_graph_tokens: int = 0):
         self.hub = hub
         self.model = hub.model
         self.device = hub.device
@@ -77,6 +78,12 @@ class Executor:
         self.varlen = self.varlen and hub.dtype != torch.float32
         # On the CPU attention runs per sequence (model.PackedLayout): no padding.
         self.unpadded = self.varlen or self.device.type == "cpu"
+        # Small batches replay captured graphs (varlen only: the padded path syncs on lengths).
+        self.graphs = (
+            EncoderGraphs(self.model, self.device, cuda_graph_tokens)
+            if self.varlen and cuda_graph_tokens
+            else None
+        )
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="roberta-device")
         self._thread_ident: int | None = None
         # Test hook: called with each batch before its forward pass, to inject faults.
@@ -94,7 +101,11 @@ class Executor:
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=False)
 
-    def computed_tokens(self, lengths: list[int]) -> int:
+    def computed_tokens(self, items: list[Item]) -> int:
+        lengths = [len(it.ids) for it in items]
+        bucket = self._graph_bucket(items, lengths)
+        if bucket is not None:
+            return bucket
         return self.batch_cost(len(lengths), sum(lengths), max(lengths))
 
     def batch_cost(self, count: int, total: int, longest: int) -> int:
@@ -112,9 +123,8 @@ class Executor:
             self.usable = self.probe()
         else:
             self.usable = True
-        lengths = [len(it.ids) for it in batch.items]
         return BatchResult(
-            outputs, started, time.monotonic() - started, self.computed_tokens(lengths)
+            outputs, started, time.monotonic() - started, self.computed_tokens(batch.items)
         )
 
     def probe(self) -> bool:
@@ -126,6 +136,15 @@ class Executor:
             log.error("the model fails even on a probe sequence: %r", exc)
             return False
         return True
+
+    def _graph_bucket(self, items: list[Item], lengths: list[int]) -> int | None:
+        """The graph bucket these items replay in, or None: they run eagerly."""
+        if self.graphs is None:
+            return None
+        last = self.model.cfg.num_layers
+        if any(isinstance(it.spec, FeatureSpec) and set(it.spec.layers) - {last} for it in items):
+            return None  # the graphs keep the last layer only
+        return self.graphs.bucket_for(lengths)
 
     def _run_or_split(self, items: list[Item]) -> list[Output | Exception]:
         try:
@@ -146,14 +165,11 @@ class Executor:
             self.fault_injector(items)
         lengths = [len(it.ids) for it in items]
         flat = torch.tensor([t for it in items for t in it.ids], dtype=torch.long)
-        cu = cu_seqlens_of(lengths)
-        if self.device.type == "cuda":
-            flat = flat.pin_memory().to(self.device, non_blocking=True)
-            cu = cu.pin_memory().to(self.device, non_blocking=True)
-        keep = {
-            layer for it in items if isinstance(it.spec, FeatureSpec) for layer in it.spec.layers
-        }
-        hidden = self.model(flat, cu, max(lengths), keep)
+        bucket = self._graph_bucket(items, lengths)
+        if bucket is not None:
+            hidden = {self.model.cfg.num_layers: self.graphs.run(flat, lengths, bucket)}
+        else:
+            hidden = self._eager(items, flat, lengths)
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
@@ -162,6 +178,18 @@ class Executor:
         self._classify(items, hidden, starts, outputs)
         self._fill_mask(items, hidden, starts, outputs)
         return outputs  # type: ignore[return-value]
+
+    def _eager(
+        self, items: list[Item], flat: torch.Tensor, lengths: list[int]
+    ) -> dict[int, torch.Tensor]:
+        cu = cu_seqlens_of(lengths)
+        if self.device.type == "cuda":
+            flat = flat.pin_memory().to(self.device, non_blocking=True)
+            cu = cu.pin_memory().to(self.device, non_blocking=True)
+        keep = {
+            layer for it in items if isinstance(it.spec, FeatureSpec) for layer in it.spec.layers
+        }
+        return self.model(flat, cu, max(lengths), keep)
 
     def _features(self, items, hidden, starts, outputs) -> None:
         groups: dict[FeatureSpec, list[int]] = defaultdict(list)

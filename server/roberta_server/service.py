@@ -92,7 +92,7 @@ class RobertaService:
         self.metrics = metrics
         self.tokenizer = hub.tokenizer
         self.mcfg = hub.model.cfg
-        self.executor = Executor(hub)
+        self.executor = Executor(hub, cfg.cuda_graph_tokens)
         if cfg.fault_oom_tokens or cfg.fault_poison_id >= 0:
             log.warning("fault injection is on: this server is for testing only")
             self.executor.fault_injector = injected_faults(
@@ -118,6 +118,8 @@ class RobertaService:
         self.closing = asyncio.Event()  # set with accepting = False: streams stop reading
 
     async def start(self) -> None:
+        if self.executor.graphs is not None:
+            await asyncio.wrap_future(self.executor.call(self.executor.graphs.capture))
         self.scheduler.start()
         await self._warm_up()
 

@@ -55,7 +55,14 @@ class ServerConfig:
         2048, "unary RPCs handled at once; more get RESOURCE_EXHAUSTED with a retry hint"
     )
     max_streams: int = _opt(256, "bidi streams open at once; more get RESOURCE_EXHAUSTED")
-    tokenizer_threads: int = _opt(2, "threads that tokenize requests")
+    tokenizer_threads: int = _opt(
+        2, "threads that tokenize requests (check token ids only, with processes)"
+    )
+    tokenizer_processes: int = _opt(
+        -1,
+        "worker processes that tokenize requests holding text, so the BPE does not hold the "
+        "server's GIL (-1: half the cores, at most 8, on CUDA; none on the CPU)",
+    )
     shutdown_grace: float = _opt(30.0, "seconds queued work may take to finish on SIGTERM")
     tls_cert: str = _opt("", "PEM certificate chain: serve TLS (with --tls-key)")
     tls_key: str = _opt("", "PEM private key of --tls-cert")
@@ -82,6 +89,13 @@ class ServerConfig:
             max_batch_size=self.max_batch_size or (256 if cuda else 64),
             bulk_batch_tokens=self.bulk_batch_tokens
             or (self.max_batch_tokens or (16384 if cuda else 2048)) // 16,
+            tokenizer_processes=(
+                self.tokenizer_processes
+                if self.tokenizer_processes >= 0
+                else min(8, (os.cpu_count() or 2) // 2)
+                if cuda
+                else 0
+            ),
         )
 
 

@@ -11,7 +11,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,12 +42,12 @@ from .hub import RobertaHub
 from .metrics import Metrics
 from .model import NoLMHeadError
 from .scheduler import BULK, INTERACTIVE, DeadlineExceeded, Scheduler, SchedulerConfig, Ticket
-from .tokenizer import Encoding, SequenceTooLongError
+from .tokenize_workers import Input, Prepared, Preparer, TokenizeWorkers, count_texts
+from .tokenizer import Encoding
 
 log = logging.getLogger(__name__)
 
 # One input: a text, a (text, text_pair) pair, or token ids.
-Input = str | tuple[str, str] | Sequence[int]
 
 POOLINGS = ("none", "cls", "mean")
 OUT_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
@@ -61,15 +60,6 @@ class Usage:
     tokenize_seconds: float = 0.0
     queue_seconds: float = 0.0
     inference_seconds: float = 0.0
-
-
-@dataclass
-class Prepared:
-    """Tokenized inputs of one request."""
-
-    ids: list[list[int]]
-    truncated: list[bool]
-    seconds: float
 
 
 def item_error(out: Exception) -> Exception:
@@ -113,11 +103,16 @@ class RobertaService:
             self.executor.batch_cost,
             metrics,
         )
-        self._pool = ThreadPoolExecutor(cfg.tokenizer_threads, thread_name_prefix="roberta-tok")
+        self.workers = TokenizeWorkers(
+            Preparer(hub.tokenizer, self.mcfg.vocab_size, self.mcfg.max_positions),
+            cfg.tokenizer_threads,
+            cfg.tokenizer_processes,
+        )
         self.accepting = True
         self.closing = asyncio.Event()  # set with accepting = False: streams stop reading
 
     async def start(self) -> None:
+        await self.workers.start()
         if self.executor.graphs is not None:
             await asyncio.wrap_future(self.executor.call(self.executor.graphs.capture))
         self.scheduler.start()
@@ -147,7 +142,7 @@ class RobertaService:
             log.warning("shutdown grace of %.1fs passed with work still queued", grace)
         await self.scheduler.stop()
         self.executor.shutdown()
-        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.workers.shutdown()
 
     # ---- validation and tokenization
 
@@ -162,70 +157,9 @@ class RobertaService:
                 "split the request"
             )
 
-    def _encode_one(
-        self, where: str, x: Input, truncate: bool, no_separator: bool, limit: bool = True
-    ) -> Encoding:
-        # Without `limit` an over-long text comes back whole, as fairseq's `encode` returns it.
-        max_len = self.mcfg.max_positions if limit or truncate else None
-        try:
-            if isinstance(x, str):
-                return self.tokenizer.encode_with_offsets(
-                    x, truncate=truncate, max_positions=max_len
-                )
-            if isinstance(x, tuple):
-                return self.tokenizer.encode_with_offsets(
-                    *x, no_separator=no_separator, truncate=truncate, max_positions=max_len
-                )
-        except SequenceTooLongError as exc:
-            raise InvalidInput(f"{where}: {exc}; set truncate to cut it") from exc
-        raise InvalidInput(f"{where}: token ids cannot be tokenized; send text")
-
-    def _check_ids(self, where: str, ids: Sequence[int], truncate: bool) -> tuple[list[int], bool]:
-        ids = list(ids)
-        if not ids:
-            raise InvalidInput(f"{where}: ids is empty")
-        bad = [t for t in ids if t < 0 or t >= self.mcfg.vocab_size]
-        if bad:
-            raise InvalidInput(
-                f"{where}: token id {bad[0]} is out of range [0, {self.mcfg.vocab_size})"
-            )
-        if self.tokenizer.pad in ids:
-            raise InvalidInput(
-                f"{where}: id {self.tokenizer.pad} (<pad>) may not appear inside a sequence"
-            )
-        max_len = self.mcfg.max_positions
-        if len(ids) <= max_len:
-            return ids, False
-        if not truncate:
-            raise InvalidInput(
-                f"{where}: tokens exceeds maximum length: {len(ids)} > {max_len}; "
-                "set truncate to cut it"
-            )
-        return ids[: max_len - 1] + ids[-1:], True
-
-    def _prepare_one(
-        self, where: str, x: Input, truncate: bool, no_sep: bool
-    ) -> tuple[list[int], bool]:
-        if isinstance(x, (str, tuple)):
-            enc = self._encode_one(where, x, truncate, no_sep)
-            return enc.ids, enc.truncated
-        return self._check_ids(where, x, truncate)
-
-    def _prepare_sync(self, inputs: Sequence[Input], truncate: bool, no_sep: bool) -> Prepared:
-        t0 = time.perf_counter()
-        ids, truncated = [], []
-        for i, x in enumerate(inputs):
-            seq, cut = self._prepare_one(f"inputs[{i}]", x, truncate, no_sep)
-            ids.append(seq)
-            truncated.append(cut)
-        return Prepared(ids, truncated, time.perf_counter() - t0)
-
     async def _prepare(self, inputs: Sequence[Input], truncate: bool, no_sep: bool) -> Prepared:
         self._check_request(len(inputs))
-        loop = asyncio.get_running_loop()
-        prepared = await loop.run_in_executor(
-            self._pool, self._prepare_sync, inputs, truncate, no_sep
-        )
+        prepared = await self.workers.run(count_texts(inputs), "prepare", inputs, truncate, no_sep)
         self.metrics.tokenize_seconds.observe(prepared.seconds)
         return prepared
 
@@ -251,18 +185,9 @@ class RobertaService:
         """Tokenize stream items; a bad item gets its error in place of its ids."""
         if not self.accepting:
             raise NotReady("server is shutting down")
-
-        def work() -> list[tuple[list[int], bool] | ServiceError]:
-            out: list[tuple[list[int], bool] | ServiceError] = []
-            for item_id, x in inputs:
-                try:
-                    out.append(self._prepare_one(f"item {item_id!r}", x, truncate, no_sep))
-                except ServiceError as exc:
-                    out.append(exc)
-            return out
-
         t0 = time.perf_counter()
-        prepared = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        texts = count_texts([x for _, x in inputs])
+        prepared = await self.workers.run(texts, "prepare_items", inputs, truncate, no_sep)
         self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         return prepared
 
@@ -306,15 +231,10 @@ class RobertaService:
         self, inputs: Sequence[Input], truncate: bool = False, no_separator: bool = False
     ) -> tuple[list[Encoding], Usage]:
         self._check_request(len(inputs))
-
-        def work() -> list[Encoding]:
-            return [
-                self._encode_one(f"inputs[{i}]", x, truncate, no_separator, limit=False)
-                for i, x in enumerate(inputs)
-            ]
-
         t0 = time.perf_counter()
-        encs = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        encs = await self.workers.run(
+            count_texts(inputs), "encode_all", inputs, truncate, no_separator
+        )
         usage = Usage(
             tokens=sum(len(e.ids) for e in encs),
             truncated=sum(e.truncated for e in encs),
@@ -435,23 +355,7 @@ class RobertaService:
         if not 1 <= topk <= self.mcfg.vocab_size:
             raise InvalidInput(f"topk must be in [1, {self.mcfg.vocab_size}], got {topk}")
 
-        def work() -> Prepared:
-            t0 = time.perf_counter()
-            ids = []
-            for i, text in enumerate(texts):
-                try:
-                    seq = self.tokenizer.encode_masked(text)
-                except ValueError as exc:
-                    raise InvalidInput(f"texts[{i}]: {exc}") from exc
-                if len(seq) > self.mcfg.max_positions:
-                    raise InvalidInput(
-                        f"texts[{i}]: tokens exceeds maximum length: {len(seq)} > "
-                        f"{self.mcfg.max_positions}"
-                    )
-                ids.append(seq)
-            return Prepared(ids, [False] * len(ids), time.perf_counter() - t0)
-
-        prepared = await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        prepared = await self.workers.run(len(texts), "encode_masked", list(texts))
         specs = [
             FillMaskSpec(seq.index(self.tokenizer.mask), topk, text)
             for seq, text in zip(prepared.ids, texts, strict=True)

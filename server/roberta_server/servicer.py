@@ -202,7 +202,7 @@ def _input(i: int | str, x: pb.Input) -> Input:
     if kind == "pair":
         return (x.pair.text, x.pair.text_pair)
     if kind == "ids":
-        return x.ids.ids
+        return list(x.ids.ids)  # a plain list can travel to tokenizer processes
     raise InvalidInput(f"{where} is empty: set one of text, pair or ids")
 
 

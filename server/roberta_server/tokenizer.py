@@ -245,10 +245,25 @@ class Tokenizer:
         self._token_to_id = dict(token_to_id)
         self._decode_bytes = list(decode_bytes)
         self._fairseq_dict = fairseq_dict
-        self._piece_ids_cached = functools.lru_cache(maxsize=cache_size)(self._piece_ids)
-        self._piece_detail_cached = functools.lru_cache(maxsize=max(1, cache_size // 4))(
+        self._cache_size = cache_size
+        self._make_caches()
+
+    def _make_caches(self) -> None:
+        size = self._cache_size
+        self._piece_ids_cached = functools.lru_cache(maxsize=size)(self._piece_ids)
+        self._piece_detail_cached = functools.lru_cache(maxsize=max(1, size // 4))(
             self._piece_detail
         )
+
+    # A tokenizer travels to worker processes (tokenize_workers.py) without its caches.
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_piece_ids_cached"], state["_piece_detail_cached"]
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._make_caches()
 
     # ------------------------------------------------------------------ construction
 

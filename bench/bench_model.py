@@ -53,6 +53,8 @@ LABELS = {
     "packed": "length-sorted, packed (cu_seqlens)",
 }
 SINGLE_LENGTH = 32
+# The default ceiling batch (--ceiling), also the stream benchmark's ceiling on the CPU.
+CEILING_BATCH, CEILING_LEN = 16, 64
 
 
 @dataclass
@@ -188,7 +190,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--budget", type=int, default=2048, help="tokens per padded batch")
-    p.add_argument("--ceiling", default="16x64", help="fixed ceiling batch, BATCHxLENGTH")
+    p.add_argument(
+        "--ceiling", default=f"{CEILING_BATCH}x{CEILING_LEN}", help="fixed ceiling batch, BxT"
+    )
     p.add_argument("--seconds", type=float, help="time per dtype (default 30, --quick 4)")
     p.add_argument("--sequences", type=int, default=2000, help="size of the standard mix drawn")
     p.add_argument("--seed", type=int, default=0, help="workload seed (0: the standard mix)")

@@ -37,14 +37,11 @@ import json
 import logging
 import os
 import platform
-import queue
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -59,6 +56,7 @@ except ImportError:  # a source tree that was not pip-installed
     sys.path.insert(0, str(HERE.parent / "server"))
     sys.path.insert(0, str(HERE.parent / "client"))
 
+from roberta_server.launcher import ServerProcess  # noqa: E402
 from workload import describe, random_token_seqs, standard_lengths  # noqa: E402
 
 log = logging.getLogger("bench_server")
@@ -122,73 +120,6 @@ class BenchConfig:
 
 
 # ---------------------------------------------------------------- processes
-
-
-class ServerProcess:
-    """`roberta_server serve` on loopback, ports read from its JSON log (as tests/serverproc.py)."""
-
-    def __init__(self, cfg: BenchConfig, dtype: str, extra: list[str]):
-        cmd = [
-            sys.executable, "-m", "roberta_server", "serve",
-            "--model", cfg.model, "--device", cfg.device, "--dtype", dtype,
-            "--host", "127.0.0.1", "--port", "0",
-            "--metrics-host", "127.0.0.1", "--metrics-port", "0",
-            "--log-format", "json", *cfg.server_args, *extra,
-        ]  # fmt: skip
-        self.cmd = cmd
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen(
-            cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=env
-        )
-        self.logs: list[dict] = []
-        self._lines: queue.Queue[dict | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.port: int | None = None
-        self.metrics_port: int | None = None
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                record = {"message": line.rstrip(), "level": "RAW"}
-            self.logs.append(record)
-            self._lines.put(record)
-            if record.get("level") in ("ERROR", "CRITICAL"):
-                log.warning("server: %s", record)
-        self._lines.put(None)
-
-    def wait_for(self, message: str, timeout: float = 180.0) -> dict:
-        for record in list(self.logs):
-            if record.get("message") == message:
-                return record
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                record = self._lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            if record is None:
-                raise RuntimeError(f"server exited ({self.proc.poll()}) before {message!r}")
-            if record.get("message") == message:
-                return record
-        raise TimeoutError(f"server: no {message!r} within {timeout}s")
-
-    def wait_ready(self) -> ServerProcess:
-        self.metrics_port = self.wait_for("metrics listening")["metrics_port"]
-        self.port = self.wait_for("grpc listening")["port"]
-        self.wait_for("serving")
-        return self
-
-    def stop(self, timeout: float = 60.0) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 class CpuMonitor:
@@ -516,13 +447,14 @@ def _quiet(runs: list[T], cpu_of: Callable[[T], dict | None]) -> list[T]:
 
 def start_server(cfg: BenchConfig, dtype: str, extra: Sequence[str] = ()) -> ServerProcess:
     started = time.perf_counter()
-    server = ServerProcess(cfg, dtype, list(extra))
+    server = ServerProcess(
+        "--model", cfg.model, "--device", cfg.device, "--dtype", dtype, *cfg.server_args, *extra
+    )
     try:
         server.wait_ready()
     except Exception:
-        server.stop(5)
-        tail = "\n".join(json.dumps(r) for r in server.logs[-20:])
-        raise RuntimeError(f"server did not start:\n{tail}") from None
+        server.terminate(timeout=5)
+        raise RuntimeError(f"server did not start:\n{server.tail(20)}") from None
     log.info(
         "server %s %s ready in %.1f s (port %d, metrics %d)",
         dtype,
@@ -610,7 +542,7 @@ def run_dtype(cfg: BenchConfig, dtype: str, wl: dict[str, Any], gen: LoadGenProc
         ceiling_burst()
     finally:
         for server in servers:
-            server.stop()
+            server.terminate()
     out["ceiling"] = model.summary()
     out["ceiling"]["idle_forward_ms"] = out["idle"].pop("forward_ms")
     log.info(

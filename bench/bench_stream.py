@@ -35,7 +35,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from bench_model import CEILING_BATCH, CEILING_LEN, Runner  # noqa: E402
-from launch import Server  # noqa: E402
+from roberta_server.launcher import ServerProcess  # noqa: E402
 from workload import random_token_seqs, standard_lengths  # noqa: E402
 
 log = logging.getLogger("bench_stream")
@@ -181,13 +181,14 @@ def p99(values: list[float]) -> float:
 def bench_dtype(cfg: Config, dtype: str, texts: list[str]) -> dict:
     top = ceiling(cfg.model, dtype, max(5.0, cfg.seconds / 4))
     log.info("%s ceiling %.0f tokens/s", dtype, top)
-    server = Server(cfg.model, "--dtype", dtype, "--metrics-port", "-1")
+    server = ServerProcess("--model", cfg.model, "--dtype", dtype, "--metrics-port", "-1")
+    server.wait_ready()
     try:
         bulk = run_phase(server.target, texts, "bulk", cfg)
         alone = run_phase(server.target, texts, "interactive", cfg)
         both = run_phase(server.target, texts, "bulk+interactive", cfg)
     finally:
-        server.stop()
+        server.terminate()
     bulk_rate = bulk["stream_tokens"] / bulk["stream_seconds"]
     shared_rate = both["stream_tokens"] / both["stream_seconds"]
     result = {

@@ -17,16 +17,15 @@ import random
 import sys
 import threading
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from launch import Server
 from roberta_client import AsyncRobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
+from roberta_server.launcher import ServerProcess, scrape_metrics
 
 log = logging.getLogger("soak")
 
@@ -62,16 +61,6 @@ def _rss_mib(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-def _scrape(port: int) -> dict[str, float]:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    out = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            out[name] = float(value)
-    return out
 
 
 async def unary_worker(stub, rng: random.Random, cfg: SoakConfig, end: float, t: Tally) -> None:
@@ -125,7 +114,7 @@ async def stream_worker(target: str, rng: random.Random, end: float, t: Tally) -
                 t.streams[err.code().name] += 1
 
 
-async def run(cfg: SoakConfig, server: Server) -> Tally:
+async def run(cfg: SoakConfig, server: ServerProcess) -> Tally:
     tally = Tally()
     end = time.monotonic() + cfg.duration
     rng = random.Random(cfg.seed)
@@ -163,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     cfg = SoakConfig(**vars(parser.parse_args(argv)))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    server = Server(cfg.model)
+    server = ServerProcess("--model", cfg.model).wait_ready()
     rss_start, peak = _rss_mib(server.proc.pid), [0.0]
     done = threading.Event()
 
@@ -176,11 +165,11 @@ def main(argv: list[str] | None = None) -> int:
     tally = asyncio.run(run(cfg, server))
     done.set()
     time.sleep(2.0)  # let cancelled work drain
-    metrics = _scrape(server.metrics_port)
+    metrics = scrape_metrics(server.metrics_port)
     with grpc.insecure_channel(server.target) as channel:
         health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
     rss_end = _rss_mib(server.proc.pid)
-    exit_code = server.stop()
+    exit_code = server.terminate(timeout=120)
     report = {
         "config": asdict(cfg),
         "unary_requests": dict(tally.unary),

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +95,13 @@ def tokenizer() -> Tokenizer:
 def small_ckpt(tokenizer) -> Checkpoint:
     """One shared random model with an `mnli` and an `extra` head. Do not modify it."""
     return Checkpoint(build_model(), tokenizer, "random:test-small")
+
+
+def export_checkpoint(model: str, out: Path, fmt: str = "fairseq") -> Path:
+    """Write a checkpoint with the project's own export command."""
+    subprocess.run(
+        [sys.executable, "-m", "roberta_server", "export", "--model", model, "--format", fmt,
+         "--out", str(out)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return out

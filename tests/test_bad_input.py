@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
-from serverproc import ServerProcess
+from roberta_server.launcher import ServerProcess
 
 MAX_ITEMS = 8
 LIMIT = 256 * 1024  # --max-message-bytes

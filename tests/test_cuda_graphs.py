@@ -15,8 +15,8 @@ from roberta_server.cuda_graphs import (
     buckets_up_to,
     slots_for,
 )
+from roberta_server.launcher import ServerProcess
 from roberta_server.model import cu_seqlens_of, varlen_attn
-from serverproc import ServerProcess
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from roberta_client import RobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
-from serverproc import ServerProcess, scrape_metrics
+from roberta_server.launcher import ServerProcess, scrape_metrics
 
 log = logging.getLogger(__name__)
 

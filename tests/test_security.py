@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from roberta_client import RobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
-from serverproc import ServerProcess
+from roberta_server.launcher import ServerProcess
 
 HELLO_IDS = [0, 31414, 232, 328, 2]
 TOKEN = "s3cret-Token_42"

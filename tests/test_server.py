@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import roberta_server
 import torch
+from conftest import export_checkpoint
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from roberta_client.tensors import tensor_to_numpy
-from serverproc import ServerProcess, export_checkpoint
+from roberta_server.launcher import ServerProcess
 
 TEXTS = [
     "Hello world!",

@@ -18,7 +18,7 @@ import pytest
 from roberta_client import RobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
-from serverproc import ServerProcess, scrape_metrics
+from roberta_server.launcher import ServerProcess, scrape_metrics
 
 WINDOW = 64
 

@@ -13,8 +13,8 @@ import pytest
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from roberta_client.tensors import tensor_to_numpy
+from roberta_server.launcher import ServerProcess
 from roberta_server.tokenize_workers import PROCESS_MIN_TEXTS
-from serverproc import ServerProcess
 
 pytestmark = pytest.mark.timeout(240)
 

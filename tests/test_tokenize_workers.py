@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import time
 
 import grpc
@@ -168,3 +169,28 @@ def test_tokenizer_processes_default_to_none_on_the_cpu():
         server.wait_ready()
         assert not any(r.get("message") == "tokenizer processes started" for r in server.logs)
         assert not _children(server.proc.pid)
+
+
+def test_a_dead_worker_leaves_tokenization_to_threads():
+    many = pb.ExtractFeaturesRequest(
+        inputs=[pb.Input(text=t) for t in TEXTS[:2]] * MANY,
+        options=pb.FeatureOptions(pooling=pb.POOLING_CLS),
+    )
+    with ServerProcess("--model", "random:tiny", "--tokenizer-processes", "2") as server:
+        server.wait_ready()
+        server.wait_for("tokenizer processes started")
+        with server.channel() as channel:
+            stub = roberta_pb2_grpc.RobertaStub(channel)
+            before = _features(stub.ExtractFeatures(many))
+            workers = [
+                pid
+                for pid in _children(server.proc.pid)
+                if b"resource_tracker" not in open(f"/proc/{pid}/cmdline", "rb").read()
+            ]
+            os.kill(workers[0], signal.SIGKILL)
+            for _ in range(3):  # the request that finds the pool broken, and later ones
+                after = _features(stub.ExtractFeatures(many))
+                for x, y in zip(before, after, strict=True):
+                    np.testing.assert_allclose(x, y, atol=1e-5)
+        server.wait_for("a tokenizer process died; tokenizing in threads from now on", 10)
+        assert server.terminate() == 0

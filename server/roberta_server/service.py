@@ -47,8 +47,6 @@ from .tokenizer import Encoding
 
 log = logging.getLogger(__name__)
 
-# One input: a text, a (text, text_pair) pair, or token ids.
-
 POOLINGS = ("none", "cls", "mean")
 OUT_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2}
 

@@ -19,6 +19,7 @@ import signal
 import time
 from collections.abc import Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +28,7 @@ from .tokenizer import Encoding, SequenceTooLongError, Tokenizer
 
 log = logging.getLogger(__name__)
 
+# One input: a text, a (text, text_pair) pair, or token ids.
 Input = str | tuple[str, str] | Sequence[int]
 
 
@@ -168,7 +170,7 @@ PROCESS_MIN_TEXTS = 8
 
 class TokenizeWorkers:
     """Runs Preparer methods off the event loop: in `processes` worker processes for requests
-    that hold text (when there are any), else in `threads` threads."""
+    with at least PROCESS_MIN_TEXTS texts (when there are processes), else in `threads` threads."""
 
     def __init__(self, preparer: Preparer, threads: int, processes: int):
         self.preparer = preparer
@@ -209,7 +211,13 @@ class TokenizeWorkers:
         arguments must pickle (token ids as lists)."""
         loop = asyncio.get_running_loop()
         if texts >= PROCESS_MIN_TEXTS and self._processes is not None:
-            return await loop.run_in_executor(self._processes, _call_in_worker, method, args)
+            try:
+                return await loop.run_in_executor(self._processes, _call_in_worker, method, args)
+            except BrokenProcessPool:
+                # A worker died (killed for memory, say): the pool is unusable from now on, so
+                # this request and all later ones tokenize in threads rather than fail.
+                log.error("a tokenizer process died; tokenizing in threads from now on")
+                self._processes = None
         return await loop.run_in_executor(self._threads, getattr(self.preparer, method), *args)
 
     def shutdown(self) -> None:

@@ -37,7 +37,6 @@ import json
 import logging
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
@@ -57,7 +56,13 @@ except ImportError:  # a source tree that was not pip-installed
     sys.path.insert(0, str(HERE.parent / "client"))
 
 from roberta_server.launcher import ServerProcess  # noqa: E402
-from workload import describe, random_token_seqs, standard_lengths  # noqa: E402
+from workload import (  # noqa: E402
+    describe,
+    random_token_seqs,
+    single_token_words,
+    standard_lengths,
+    texts_of_lengths,
+)
 
 log = logging.getLogger("bench_server")
 T = TypeVar("T")
@@ -271,22 +276,6 @@ class LoadGenProcess:
 # ---------------------------------------------------------------- workload
 
 
-def single_token_words(tokenizer: Any, limit: int = 3000) -> list[str]:
-    """Lower-case words that are one BPE token both at the start of a text and after a space."""
-    words = []
-    for token in tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size)):
-        word = token[1:]
-        if not (token.startswith("\u0120") and word.isascii() and word.isalpha()):
-            continue
-        if not (word.islower() and 2 <= len(word) <= 10):
-            continue
-        if len(tokenizer.encode(word)) == 3 and len(tokenizer.encode(" " + word)) == 3:
-            words.append(word)
-            if len(words) >= limit:
-                break
-    return words
-
-
 def build_workload(cfg: BenchConfig, path: Path) -> dict[str, Any]:
     """The standard mix as texts (or ids) of exactly the sampled lengths, written for loadgen."""
     from roberta_server.tokenizer import Tokenizer
@@ -298,13 +287,9 @@ def build_workload(cfg: BenchConfig, path: Path) -> dict[str, Any]:
         idle_ids = idle_item
     else:
         tok = Tokenizer.default()
-        words = single_token_words(tok)
-        rng = random.Random(cfg.seed)
-
-        def text(n: int) -> str:
-            return " ".join(rng.choice(words) for _ in range(n - 2))
-
-        items = [text(n) for n in lengths]
+        *items, idle_item = texts_of_lengths(
+            single_token_words(tok), [*lengths, IDLE_LENGTH], cfg.seed
+        )
         bad = [
             i
             for i, (t, n) in enumerate(zip(items, lengths, strict=True))
@@ -312,7 +297,6 @@ def build_workload(cfg: BenchConfig, path: Path) -> dict[str, Any]:
         ]
         if bad:
             raise RuntimeError(f"{len(bad)} texts do not tokenize to their length, e.g. #{bad[0]}")
-        idle_item = text(IDLE_LENGTH)
         idle_ids = tok.encode(idle_item)
         assert len(idle_ids) == IDLE_LENGTH
     data = {

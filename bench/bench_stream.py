@@ -36,7 +36,12 @@ sys.path.insert(0, str(HERE))
 
 from bench_model import CEILING_BATCH, CEILING_LEN, Runner  # noqa: E402
 from roberta_server.launcher import ServerProcess  # noqa: E402
-from workload import random_token_seqs, standard_lengths  # noqa: E402
+from workload import (  # noqa: E402
+    random_token_seqs,
+    single_token_words,
+    standard_lengths,
+    texts_of_lengths,
+)
 
 log = logging.getLogger("bench_stream")
 
@@ -49,31 +54,6 @@ class Config:
     warmup: float = 5.0
     interactive_rps: float = 2.0  # modest: a small fraction of what the server can answer
     out: str = str(Path(__file__).resolve().parent / "results")
-
-
-def single_token_words(limit: int = 2000) -> list[str]:
-    """Words that are one token both at the start of a text and after a space, to build texts
-    of a known token length."""
-    from roberta_server.tokenizer import Tokenizer
-
-    tok = Tokenizer.default()
-    words = []
-    for i in range(4, 50000):
-        word = tok.token_text(i)[1:]
-        if not (tok.token_text(i).startswith(" ") and word.isascii() and word.isalpha()):
-            continue
-        if len(tok.encode(word)) == 3 and len(tok.encode(" " + word)) == 3:
-            words.append(word)
-            if len(words) >= limit:
-                break
-    return words
-
-
-def texts_of_lengths(lengths: list[int], seed: int = 0) -> list[str]:
-    """One text per standard length whose encoding has exactly that many tokens."""
-    words = single_token_words()
-    rng = random.Random(seed)
-    return [" ".join(rng.choice(words) for _ in range(max(1, n - 2))) for n in lengths]
 
 
 # ---- the load generator (a separate process)
@@ -231,7 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         out=args.out,
     )
     torch.set_num_threads(os.cpu_count() or 1)
-    texts = texts_of_lengths(standard_lengths(4000))
+    from roberta_server.tokenizer import Tokenizer
+
+    texts = texts_of_lengths(single_token_words(Tokenizer.default()), standard_lengths(4000))
     results = [bench_dtype(cfg, dtype, texts) for dtype in cfg.dtypes.split(",")]
     report = {"config": asdict(cfg), "results": results}
     out = Path(cfg.out)

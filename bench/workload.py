@@ -8,7 +8,9 @@ median 32, p99 about 160, a few at 512. "Useful tokens" are the real tokens; pad
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -68,3 +70,26 @@ def describe(lengths: Sequence[int]) -> dict[str, float]:
         "p99": float(np.percentile(arr, 99)),
         "max": int(arr.max()),
     }
+
+
+def single_token_words(tokenizer: Any, limit: int = 3000) -> list[str]:
+    """Lower-case words that are one BPE token both at the start of a text and after a space, so
+    that a text of n - 2 of them encodes to exactly n tokens."""
+    words = []
+    for token in tokenizer.convert_ids_to_tokens(range(tokenizer.vocab_size)):
+        word = token[1:]
+        if not (token.startswith("\u0120") and word.isascii() and word.isalpha()):
+            continue
+        if not (word.islower() and 2 <= len(word) <= 10):
+            continue
+        if len(tokenizer.encode(word)) == 3 and len(tokenizer.encode(" " + word)) == 3:
+            words.append(word)
+            if len(words) >= limit:
+                break
+    return words
+
+
+def texts_of_lengths(words: Sequence[str], lengths: Sequence[int], seed: int = 0) -> list[str]:
+    """One text per length, of random `single_token_words`, that encodes to exactly that length."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(words) for _ in range(n - 2)) for n in lengths]

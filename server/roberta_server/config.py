@@ -60,8 +60,8 @@ class ServerConfig:
     )
     tokenizer_processes: int = _opt(
         -1,
-        "worker processes that tokenize requests holding text, so the BPE does not hold the "
-        "server's GIL (-1: half the cores, at most 8, on CUDA; none on the CPU)",
+        "worker processes that tokenize requests of 8 or more texts, so the BPE does not hold "
+        "the server's GIL (-1: half the cores, at most 8, on CUDA; none on the CPU)",
     )
     shutdown_grace: float = _opt(30.0, "seconds queued work may take to finish on SIGTERM")
     tls_cert: str = _opt("", "PEM certificate chain: serve TLS (with --tls-key)")

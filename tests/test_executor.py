@@ -1,0 +1,68 @@
+"""Execution on the CPU: batches of half-precision rows are rounded up to shape buckets, and the
+padding rows change nothing for the real ones."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import roberta_server
+import torch
+from conftest import token_seqs
+from roberta_server.batch import Batch, ClassifySpec, FeatureSpec, Item
+from roberta_server.executor import BUCKETS_PER_OCTAVE, Executor, shape_bucket
+
+
+def test_shape_buckets_are_few_and_tight():
+    assert [shape_bucket(n) for n in (1, 32, 63, 64)] == [1, 32, 63, 64]  # small: exact
+    assert [shape_bucket(n) for n in (65, 1023, 1025, 2049)] == [66, 1024, 1056, 2112]
+    for lo in (64, 1024, 8192):
+        sizes = {shape_bucket(n) for n in range(lo + 1, 2 * lo + 1)}
+        assert len(sizes) == BUCKETS_PER_OCTAVE
+    for n in range(1, 40_000, 7):
+        rows = shape_bucket(n)
+        assert n <= rows < n + max(1, n / BUCKETS_PER_OCTAVE)
+        assert rows - n < 256  # the padding sequence fits max_positions
+    assert shape_bucket(100_000) - 100_000 < 256
+
+
+def _run(dtype: str, lengths: list[int]):
+    hub = roberta_server.load("random:tiny", "cpu", dtype)
+    hub.model.register_classification_head("two", 2)
+    last = hub.model.cfg.num_layers
+    rows: list[int] = []  # rows of each forward pass
+    hub.model.register_forward_pre_hook(lambda _, args: rows.append(args[0].numel()))
+    items = []
+    for i, ids in enumerate(token_seqs(lengths, seed=5)):
+        spec = ClassifySpec("two") if i % 2 else FeatureSpec((0, last), "none", "float32")
+        items.append(Item(ids, spec))
+    result = Executor(hub).run_batch(Batch(items))
+    assert len(rows) == 1
+    assert result.computed_tokens == rows[0]
+    return hub, result, items
+
+
+@pytest.mark.parametrize("lengths", [[30, 42, 7], [100] * 9 + [77]])
+def test_padding_rows_leave_real_rows_unchanged(lengths):
+    hub, result, items = _run("bfloat16", lengths)
+    total = sum(lengths)
+    assert result.computed_tokens == shape_bucket(total) > total
+    model, last = hub.model, hub.model.cfg.num_layers
+    flat = torch.tensor([t for it in items for t in it.ids])
+    with torch.inference_mode():  # the same batch without padding rows
+        hidden = model(flat, roberta_server.model.cu_seqlens_of(lengths), max(lengths), [0])
+    start = 0
+    for it, out in zip(items, result.outputs, strict=True):
+        rows = slice(start, start + len(it.ids))
+        start += len(it.ids)
+        if isinstance(it.spec, FeatureSpec):
+            want = torch.stack([hidden[0][rows], hidden[last][rows]]).float().numpy()
+            np.testing.assert_allclose(out.array, want, rtol=0, atol=1e-6)
+        else:
+            with torch.inference_mode():
+                want = model.heads["two"](hidden[last][rows][0]).float().numpy()
+            np.testing.assert_allclose(out.logits, want, rtol=0, atol=1e-6)
+
+
+def test_float32_is_not_padded():
+    _, result, _ = _run("float32", [30, 42, 7])
+    assert result.computed_tokens == 79

@@ -20,6 +20,7 @@ a replayed CUDA graph (`roberta_server.cuda_graphs`).
 from __future__ import annotations
 
 import argparse
+import copy
 import itertools
 import json
 import logging
@@ -39,6 +40,7 @@ try:
 except ImportError:  # a source tree that was not pip-installed
     sys.path.insert(0, str(HERE.parent / "server"))
 
+from roberta_server.cpu_prepack import prepack_linears  # noqa: E402
 from roberta_server.cuda_graphs import EncoderGraphs  # noqa: E402
 from roberta_server.model import SIZES, Roberta, cu_seqlens_of, varlen_attn  # noqa: E402
 from workload import describe, length_sorted_batches, random_token_seqs, standard_lengths  # noqa: E402
@@ -196,6 +198,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seconds", type=float, help="time per dtype (default 30, --quick 4)")
     p.add_argument("--sequences", type=int, default=2000, help="size of the standard mix drawn")
     p.add_argument("--seed", type=int, default=0, help="workload seed (0: the standard mix)")
+    p.add_argument(
+        "--plain-linears",
+        action="store_true",
+        help="keep F.linear in half precision on the CPU (the server packs the weights)",
+    )
     p.add_argument("--threads", type=int, help="torch intra-op threads (default: PyTorch's)")
     p.add_argument("--out", type=Path, default=HERE / "results" / "model.json")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -244,9 +251,12 @@ def main(argv: list[str] | None = None) -> int:
 
     rows, ratios, single = [], {}, {}
     for name in args.dtypes:
-        runner = Runner(model.to(device=device, dtype=DTYPES[name]), device)
+        model_d = copy.deepcopy(model).to(device=device, dtype=DTYPES[name])
+        if not args.plain_linears:
+            prepack_linears(model_d.layers)  # as the server does
+        runner = Runner(model_d, device)
         if device.type == "cuda" and varlen_attn is not None and name != "float32":
-            single[name] = single_sequence_ms(model, device, 20 if args.quick else 100)
+            single[name] = single_sequence_ms(model_d, device, 20 if args.quick else 100)
         log.info("%s: measuring for ~%.0f s", name, args.seconds)
         tallies = bench_dtype(runner, groups, ceiling, args.seconds)
         ceiling_rate = tallies["ceiling"].useful_per_s
@@ -290,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
             "seconds_per_dtype": args.seconds,
             "budget_tokens": args.budget,
             "ceiling_shape": list(args.ceiling),
+            "prepacked_linears": not args.plain_linears,
             "workload": describe(lengths) | {"seed": args.seed, "batches": len(groups)},
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoints import Checkpoint, load_checkpoint
+from .cpu_prepack import prepack_linears
 from .model import Roberta, cu_seqlens_of
 from .tokenizer import Tokenizer
 
@@ -66,6 +67,8 @@ class RobertaHub:
         self.source = ckpt.source
         self.tokenizer = ckpt.tokenizer
         self.model: Roberta = ckpt.model.to(device=device, dtype=dtype).eval()
+        # After this the model's device and dtype are final: packed weights would go stale.
+        self.prepacked = prepack_linears(self.model.layers)
         self.device = device
         self.dtype = dtype
 

@@ -13,6 +13,7 @@ from conftest import SMALL, build_model, run_packed, token_seqs
 from roberta_server import checkpoints
 from roberta_server.hub import RobertaHub
 from roberta_server.model import (
+    KEY_BLOCK,
     PackedLayout,
     Roberta,
     cu_seqlens_of,
@@ -258,18 +259,24 @@ def test_per_sequence_and_padded_attention_agree(dtype):
     q, k, v = (torch.randn(sum(lengths), 4, 8, generator=gen).to(dtype) for _ in range(3))
     per_seq = PackedLayout.build(cu, max(lengths))
     padded = PackedLayout.build(cu, max(lengths), per_sequence=False)
-    assert per_seq.bounds == [0, 3, 20, 21, 30] and padded.bounds is None
+    # The first sequence reads 16 keys (a multiple of KEY_BLOCK), 13 of them masked: the next
+    # sequence's rows. The others have no 16-row block left before the end of the batch.
+    assert KEY_BLOCK == 16
+    spans = [(s.start, s.end, s.key_end) for s in per_seq.spans]
+    assert spans == [(0, 3, 16), (3, 20, 20), (20, 21, 21), (21, 30, 30)]
+    assert per_seq.spans[0].key_mask.flatten().tolist() == [True] * 3 + [False] * 13
+    assert padded.spans is None
     a = layout_attention(q, k, v, per_seq)
     b = layout_attention(q, k, v, padded)
     assert a.shape == q.shape
     assert (a.float() - b.float()).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
     # And each equals plain attention over that sequence alone.
-    start = 3
-    qi, ki, vi = (x[start : start + 17].float().transpose(0, 1) for x in (q, k, v))
-    ref = torch.softmax(qi @ ki.transpose(1, 2) / 8**0.5, -1) @ vi
-    assert (a[start : start + 17].float() - ref.transpose(0, 1)).abs().max() < (
-        1e-5 if dtype == torch.float32 else 2e-2
-    )
+    for start, n in [(0, 3), (3, 17), (21, 9)]:
+        qi, ki, vi = (x[start : start + n].float().transpose(0, 1) for x in (q, k, v))
+        ref = torch.softmax(qi @ ki.transpose(1, 2) / 8**0.5, -1) @ vi
+        assert (a[start : start + n].float() - ref.transpose(0, 1)).abs().max() < (
+            1e-5 if dtype == torch.float32 else 2e-2
+        )
 
 
 def test_forward_keeps_requested_layers(mixed_float32):

@@ -73,12 +73,46 @@ def layer_norm(x: torch.Tensor, ln: nn.LayerNorm) -> torch.Tensor:
     return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
+# PyTorch's CPU flash-attention kernel is fastest when the key count is a multiple of 16: for
+# 12 heads of 64 in bfloat16, 40 keys took 62 us and 48 keys 49 us, 56 keys 82 us and 64 keys 54.
+KEY_BLOCK = 16
+
+
+@dataclass(frozen=True)
+class KeySpan:
+    """One sequence's rows [start, end) in the packed batch, and the rows its attention reads
+    keys and values from: [start, key_end). Past `end` they are the next sequence's rows, which
+    `key_mask` ([1, 1, 1, key_end - start], True for the sequence's own keys) hides: rounding the
+    key count up to KEY_BLOCK this way costs no copy."""
+
+    start: int
+    end: int
+    key_end: int
+    key_mask: torch.Tensor | None
+
+
+def key_spans(bounds: list[int], device: torch.device) -> list[KeySpan]:
+    """KeySpans of packed sequences with these offsets (cu_seqlens as a host list)."""
+    masks: dict[tuple[int, int], torch.Tensor] = {}
+    spans = []
+    for start, end in zip(bounds[:-1], bounds[1:], strict=True):
+        n = end - start
+        keys = -(-n // KEY_BLOCK) * KEY_BLOCK
+        if keys == n or start + keys > bounds[-1]:  # aligned already, or no rows to borrow
+            spans.append(KeySpan(start, end, end, None))
+            continue
+        if (n, keys) not in masks:
+            masks[n, keys] = (torch.arange(keys, device=device) < n).view(1, 1, 1, keys)
+        spans.append(KeySpan(start, end, start + keys, masks[n, keys]))
+    return spans
+
+
 @dataclass
 class PackedLayout:
     """How attention finds each sequence in the packed rows, built once per batch for all layers.
 
     Two ways without varlen kernels. On a CPU each sequence gets its own attention call on its
-    rows (`bounds`): no padding is computed. Elsewhere q/k/v are scattered into a padded
+    rows (`spans`): no padding is computed. Elsewhere q/k/v are scattered into a padded
     [B, heads, T, d] grid for the kernel alone (`flat_index`, `key_mask`): one launch per layer.
     """
 
@@ -86,7 +120,7 @@ class PackedLayout:
     max_len: int
     flat_index: torch.Tensor | None = None  # [N] row of each token in [B*T]
     key_mask: torch.Tensor | None = None  # [B, 1, 1, T] True for real keys
-    bounds: list[int] | None = None  # cu_seqlens as a host list, for per-sequence attention
+    spans: list[KeySpan] | None = None  # per-sequence attention, in batch order
 
     @classmethod
     def build(
@@ -102,7 +136,7 @@ class PackedLayout:
         if per_sequence is None:
             per_sequence = cu_seqlens.device.type == "cpu"
         if per_sequence:
-            return cls(batch_size, max_len, bounds=cu_seqlens.tolist())
+            return cls(batch_size, max_len, spans=key_spans(cu_seqlens.tolist(), cu_seqlens.device))
         starts = torch.repeat_interleave(cu_seqlens[:-1], lengths)
         n = int(cu_seqlens[-1])
         offsets = torch.arange(n, device=cu_seqlens.device) - starts
@@ -117,13 +151,15 @@ def layout_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: PackedLayout
 ) -> torch.Tensor:
     """Attention over packed [N, heads, d] inputs without varlen kernels (see PackedLayout)."""
-    if layout.bounds is not None:
+    if layout.spans is not None:
         out = torch.empty_like(q)
-        for start, end in zip(layout.bounds[:-1], layout.bounds[1:], strict=True):
+        for span in layout.spans:
             # [1, heads, T, d] views: the CPU flash kernel takes 4-D inputs only (3-D ones fall
             # back to the unfused math path, several times slower in bfloat16).
-            qi, ki, vi = (x[start:end].transpose(0, 1).unsqueeze(0) for x in (q, k, v))
-            out[start:end] = F.scaled_dot_product_attention(qi, ki, vi)[0].transpose(0, 1)
+            qi = q[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            ki, vi = (x[span.start : span.key_end].transpose(0, 1).unsqueeze(0) for x in (k, v))
+            attn = F.scaled_dot_product_attention(qi, ki, vi, attn_mask=span.key_mask)
+            out[span.start : span.end] = attn[0].transpose(0, 1)
         return out
     n, heads, d = q.shape
     b, t = layout.batch_size, layout.max_len

@@ -636,6 +636,9 @@ def ratios_and_targets(r: dict[str, Any]) -> tuple[dict[str, Any], list[tuple]]:
         "b_over_a": b / a,
         "c_over_a": c / a,
         "b_over_d": b / dd if dd else None,
+        # What b/d would be if the server ran at the ceiling: naive serving is one forward pass
+        # per request, so this is what batching can be worth on this machine at all.
+        "a_over_d": a / dd if dd else None,
         "idle_overhead_ms": overhead,
         "idle_overhead_vs_server_inference_ms": r["idle"].get("latency_minus_inference_ms_p50"),
         "padding_waste_b": waste,
@@ -734,8 +737,11 @@ def print_report(cfg: BenchConfig, results: dict[str, Any]) -> bool:
             f" of ceiling); mean batch {_fmt(srv.get('mean_batch_ms'), '.0f')} ms, "
             f"{_fmt(srv.get('real_tokens_per_batch'))} real tokens"
         )
-        print(f"naive baseline: {NAIVE_METHOD}")
         ratios, targets = r["ratios"], r["targets"]
+        print(
+            f"naive baseline: {NAIVE_METHOD}; a/d {_fmt(ratios['a_over_d'], '.2f')} (b/d if the "
+            "server ran at the ceiling: what batching can be worth here)"
+        )
         print(
             f"ratios: b/a {_fmt(ratios['b_over_a'], '.2f')}, c/a {_fmt(ratios['c_over_a'], '.2f')},"
             f" b/d {_fmt(ratios['b_over_d'], '.2f')}, idle overhead "

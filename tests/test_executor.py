@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 import roberta_server
 import torch
-from conftest import token_seqs
+from conftest import build_model, token_seqs
 from roberta_server.batch import Batch, ClassifySpec, FeatureSpec, Item
+from roberta_server.checkpoints import Checkpoint
 from roberta_server.executor import BUCKETS_PER_OCTAVE, Executor, shape_bucket
+from roberta_server.hub import RobertaHub
+from roberta_server.model import RobertaConfig
 
 
 def test_shape_buckets_are_few_and_tight():
@@ -22,11 +25,12 @@ def test_shape_buckets_are_few_and_tight():
         rows = shape_bucket(n)
         assert n <= rows < n + max(1, n / BUCKETS_PER_OCTAVE)
         assert rows - n < 256  # the padding sequence fits max_positions
+        assert shape_bucket(n, 64) - n < 64
     assert shape_bucket(100_000) - 100_000 < 256
 
 
-def _run(dtype: str, lengths: list[int]):
-    hub = roberta_server.load("random:tiny", "cpu", dtype)
+def _run(dtype: str, lengths: list[int], hub: RobertaHub | None = None):
+    hub = hub or roberta_server.load("random:tiny", "cpu", dtype)
     hub.model.register_classification_head("two", 2)
     last = hub.model.cfg.num_layers
     rows: list[int] = []  # rows of each forward pass
@@ -41,26 +45,39 @@ def _run(dtype: str, lengths: list[int]):
     return hub, result, items
 
 
-@pytest.mark.parametrize("lengths", [[30, 42, 7], [100] * 9 + [77]])
-def test_padding_rows_leave_real_rows_unchanged(lengths):
-    hub, result, items = _run("bfloat16", lengths)
+SHORT = RobertaConfig(hidden_size=32, num_layers=2, num_heads=4, ffn_size=64, max_positions=100)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "cfg"),
+    [([30, 42, 7], None), ([100] * 9 + [77], None), ([90] * 51 + [19], SHORT)],
+)
+def test_padding_rows_leave_real_rows_unchanged(lengths, cfg, tokenizer):
+    hub = None
+    if cfg is not None:  # positions end at 100: the padding sequence must stay shorter
+        ckpt = Checkpoint(build_model(cfg), tokenizer, "random:short")
+        hub = RobertaHub(ckpt, torch.device("cpu"), torch.bfloat16, "short")
+    hub, result, items = _run("bfloat16", lengths, hub)
     total = sum(lengths)
-    assert result.computed_tokens == shape_bucket(total) > total
+    step = 64 if cfg is not None else 256
+    assert result.computed_tokens == shape_bucket(total, step) > total
     model, last = hub.model, hub.model.cfg.num_layers
     flat = torch.tensor([t for it in items for t in it.ids])
     with torch.inference_mode():  # the same batch without padding rows
         hidden = model(flat, roberta_server.model.cu_seqlens_of(lengths), max(lengths), [0])
+    # Up to a bfloat16 rounding step: row counts and masked key blocks change the kernels' order
+    # of summation, and a leak from the padding rows would move values far more.
     start = 0
     for it, out in zip(items, result.outputs, strict=True):
         rows = slice(start, start + len(it.ids))
         start += len(it.ids)
         if isinstance(it.spec, FeatureSpec):
             want = torch.stack([hidden[0][rows], hidden[last][rows]]).float().numpy()
-            np.testing.assert_allclose(out.array, want, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(out.array, want, rtol=2**-7, atol=2**-6)
         else:
             with torch.inference_mode():
                 want = model.heads["two"](hidden[last][rows][0]).float().numpy()
-            np.testing.assert_allclose(out.logits, want, rtol=0, atol=1e-6)
+            np.testing.assert_allclose(out.logits, want, rtol=2**-7, atol=2**-6)
 
 
 def test_float32_is_not_padded():

@@ -56,18 +56,18 @@ def _to_numpy(t: torch.Tensor, dtype: str) -> np.ndarray:
     return arr.view(np.uint16) if dtype == "bfloat16" else arr
 
 
-def shape_bucket(tokens: int) -> int:
+def shape_bucket(tokens: int, max_step: int = MAX_BUCKET_STEP) -> int:
     """Rows to run for a packed batch of `tokens` real tokens on the CPU in half precision.
 
     oneDNN compiles its bfloat16 matmul kernels for each row count it sees, and a stream of
     mixed-length batches rarely repeats one: on the standard mix, batches of new sizes ran at
     0.85x the rate of the same batches run again. Rounding up to one of 32 sizes per power of
     two keeps the compiled kernels reusable for under 1/32 extra rows (1.5% on average); batches
-    under 64 tokens stay exact. The step stays below max_positions, as the padding rows form a
-    sequence of their own.
+    under 64 tokens stay exact. The padding rows form a sequence of their own, so `max_step`
+    must not exceed the model's max_positions.
     """
     step = 1
-    while step * 2 * BUCKETS_PER_OCTAVE <= tokens and step < MAX_BUCKET_STEP:
+    while step * 2 * BUCKETS_PER_OCTAVE <= tokens and step < max_step:
         step *= 2
     return -(-tokens // step) * step
 
@@ -100,6 +100,9 @@ class Executor:
         self.unpadded = self.varlen or self.device.type == "cpu"
         # float32 runs through MKL, which compiles nothing per shape.
         self.shape_buckets = self.device.type == "cpu" and hub.dtype != torch.float32
+        # The padding sequence is shorter than a step, and no sequence outgrows the positions.
+        max_positions = self.model.cfg.max_positions
+        self.max_bucket_step = min(MAX_BUCKET_STEP, 1 << (max_positions.bit_length() - 1))
         # Small batches replay captured graphs (varlen only: the padded path syncs on lengths).
         self.graphs = (
             EncoderGraphs(self.model, self.device, cuda_graph_tokens)
@@ -133,7 +136,7 @@ class Executor:
     def batch_cost(self, count: int, total: int, longest: int) -> int:
         """Tokens a batch of `count` sequences computes, from their sum and longest length."""
         if self.shape_buckets:
-            return shape_bucket(total)
+            return shape_bucket(total, self.max_bucket_step)
         return total if self.unpadded else count * longest
 
     # ---- on the device thread
@@ -206,10 +209,11 @@ class Executor:
     def _eager(
         self, items: list[Item], flat: torch.Tensor, lengths: list[int]
     ) -> dict[int, torch.Tensor]:
-        if self.shape_buckets and (pad := shape_bucket(flat.numel()) - flat.numel()):
-            # The padding rows are one more sequence: no real token attends to them.
-            flat = torch.cat([flat, flat.new_full((pad,), self.model.cfg.padding_idx)])
-            lengths = [*lengths, pad]
+        if self.shape_buckets:
+            pad = shape_bucket(flat.numel(), self.max_bucket_step) - flat.numel()
+            if pad:  # one more sequence: no real token attends to the padding rows
+                flat = torch.cat([flat, flat.new_full((pad,), self.model.cfg.padding_idx)])
+                lengths = [*lengths, pad]
         cu = cu_seqlens_of(lengths)
         if self.device.type == "cuda":
             flat = flat.pin_memory().to(self.device, non_blocking=True)

@@ -40,6 +40,7 @@ try:
 except ImportError:  # a source tree that was not pip-installed
     sys.path.insert(0, str(HERE.parent / "server"))
 
+from roberta_server.cpu_memory import retain_freed_memory  # noqa: E402
 from roberta_server.cpu_prepack import prepack_linears  # noqa: E402
 from roberta_server.cuda_graphs import EncoderGraphs  # noqa: E402
 from roberta_server.model import SIZES, Roberta, cu_seqlens_of, varlen_attn  # noqa: E402
@@ -230,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.threads:
         torch.set_num_threads(args.threads)
+    retain_freed_memory()  # as the server does
     device = torch.device(args.device)
 
     lengths = standard_lengths(args.sequences, args.seed)

@@ -321,8 +321,10 @@ class InProcessModel:
     def __init__(self, cfg: BenchConfig, dtype: str):
         import torch
         from roberta_server import load
+        from roberta_server.cpu_memory import retain_freed_memory
         from roberta_server.model import cu_seqlens_of
 
+        retain_freed_memory()  # as the server does
         self.torch, self.cu_seqlens_of = torch, cu_seqlens_of
         self.hub = load(cfg.model, cfg.device, dtype)
         self.model, self.device = self.hub.model, self.hub.device

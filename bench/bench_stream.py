@@ -140,7 +140,9 @@ def run_phase(target: str, texts: list[str], phase: str, cfg: Config) -> dict:
 
 def ceiling(model: str, dtype: str, seconds: float) -> float:
     from roberta_server import load
+    from roberta_server.cpu_memory import retain_freed_memory
 
+    retain_freed_memory()  # as the server does
     hub = load(model, device="cpu", dtype=dtype)
     runner = Runner(hub.model, torch.device("cpu"))
     batch = random_token_seqs([CEILING_LEN] * CEILING_BATCH)

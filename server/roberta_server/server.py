@@ -23,6 +23,7 @@ from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from . import __version__
 from .auth import BearerTokenInterceptor, read_token, server_credentials
 from .config import ServerConfig
+from .cpu_memory import MMAP_THRESHOLD_MAX, retain_freed_memory
 from .hub import RobertaHub, load
 from .metrics import Metrics
 from .service import RobertaService
@@ -81,6 +82,9 @@ async def watch_health(
 
 
 async def serve(cfg: ServerConfig) -> int:
+    # Before the model loads, so its weights and every batch's activations get the settings.
+    if retain_freed_memory():
+        log.info("malloc keeps freed memory", extra={"mmap_threshold": MMAP_THRESHOLD_MAX})
     metrics = Metrics()
     if cfg.metrics_port >= 0:
         port = metrics.serve(cfg.metrics_host, cfg.metrics_port)

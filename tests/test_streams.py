@@ -19,6 +19,7 @@ from roberta_client import RobertaClient
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from roberta_server.launcher import ServerProcess, scrape_metrics
+from roberta_server.scheduler import INTERACTIVE_RECENT_S
 
 WINDOW = 64
 
@@ -285,3 +286,23 @@ def test_extract_reads_text_lines_and_stores_tokens(server, tmp_path):
     assert data.shape[0] == sum(e["length"] for e in index)
     assert [e["length"] for e in index] == [e["num_tokens"] for e in index]
     assert re.fullmatch(r"\d+", str(index[1]["start"])) and index[1]["start"] == index[0]["length"]
+
+
+def test_a_stream_right_after_start_gets_full_size_batches():
+    # Stream batches are capped at --bulk-batch-tokens while interactive callers are about; the
+    # server's own warm-up is no such caller.
+    with ServerProcess("--model", "random:tiny", "--bulk-batch-tokens", "64") as srv:
+        srv.wait_ready()
+        ready = time.monotonic()
+        before = scrape_metrics(srv.metrics_port)
+        items = [(f"doc-{i}", "stream item " * 9) for i in range(800)]  # 20 tokens each
+        with RobertaClient(srv.target) as client:
+            results = client.stream_features(iter(items), pooling="cls", items_per_message=64)
+            assert sum(r.ok for r in results) == len(items)
+        assert time.monotonic() - ready < INTERACTIVE_RECENT_S  # the warm-up was that recent
+        after = scrape_metrics(srv.metrics_port)
+        small, total = (
+            'roberta_batch_size_tokens_bucket{le="64.0"}',
+            "roberta_batch_size_tokens_count",
+        )
+        assert after[total] - before[total] > after[small] - before[small]  # some held more

@@ -119,11 +119,15 @@ class RobertaService:
     async def _warm_up(self) -> None:
         """Run each kind of work once so the first real request pays no start-up cost."""
         t0 = time.perf_counter()
-        await self.extract_features(["Hello world!", "warm " * 60], (), False, "cls", "float32")
+        # At bulk priority: the warm-up is no interactive caller, and as one it made the scheduler
+        # cap stream batches at --bulk-batch-tokens for the first seconds of serving.
+        await self.extract_features(
+            ["Hello world!", "warm " * 60], (), False, "cls", "float32", priority=BULK
+        )
         if self.hub.model.heads:
-            await self.classify(next(iter(self.hub.model.heads)), ["Hello world!"])
+            await self.classify(next(iter(self.hub.model.heads)), ["Hello world!"], priority=BULK)
         if self.hub.model.lm_head is not None:
-            await self.fill_mask(["Hello <mask>!"], 5)
+            await self.fill_mask(["Hello <mask>!"], 5, priority=BULK)
         log.info("warm-up done", extra={"seconds": round(time.perf_counter() - t0, 3)})
 
     def stop_accepting(self) -> None:
@@ -344,7 +348,11 @@ class RobertaService:
         return logits, log_probs, index, labels[index] if index < len(labels) else str(index)
 
     async def fill_mask(
-        self, texts: Sequence[str], topk: int = 5, deadline: float | None = None
+        self,
+        texts: Sequence[str],
+        topk: int = 5,
+        deadline: float | None = None,
+        priority: int = INTERACTIVE,
     ) -> tuple[list[FillMask], Usage]:
         self._check_request(len(texts), "texts")
         if self.hub.model.lm_head is None:
@@ -358,7 +366,7 @@ class RobertaService:
             FillMaskSpec(seq.index(self.tokenizer.mask), topk, text)
             for seq, text in zip(prepared.ids, texts, strict=True)
         ]
-        ticket = await self._run(prepared.ids, specs, deadline)
+        ticket = await self._run(prepared.ids, specs, deadline, priority)
         return ticket.outputs, self._usage(prepared, ticket)  # type: ignore[return-value]
 
     async def register_head(

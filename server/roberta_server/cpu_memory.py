@@ -11,7 +11,9 @@ and 4% (float32) to 21% (bfloat16) for requests of 64 texts.
 
 With the mmap threshold fixed at its largest value and trimming at 1 GiB, freed blocks are
 reused instead. The cost is that the process keeps its peak working memory rather than returning
-it between batches. Only glibc has these settings; elsewhere this does nothing.
+it between batches. The server sets them whatever its device (on a GPU the activations live in
+device memory, and they change little). Only glibc has these settings; elsewhere this does
+nothing.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc
 
 # Run in a fresh interpreter each time: malloc settings are process-wide and cannot be unset.
 PROBE = """
-import ctypes, json, sys
+import ctypes, json, sys, threading
 from roberta_server.cpu_memory import retain_freed_memory
 
 libc = ctypes.CDLL(None)
@@ -25,14 +25,21 @@ class MallInfo2(ctypes.Structure):
 libc.mallinfo2.restype = MallInfo2
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = (ctypes.c_void_p,)
-applied = retain_freed_memory() if sys.argv[1] == "retain" else None
-before = libc.mallinfo2()
-blocks = [libc.malloc(8 << 20) for _ in range(8)]  # 64 MiB, as big as a batch's activations
-mapped = libc.mallinfo2().hblks - before.hblks
-for b in blocks:
-    libc.free(b)
-kept = libc.mallinfo2().fordblks - before.fordblks
-print(json.dumps({"applied": applied, "mapped": mapped, "kept": kept}))
+result = {"applied": retain_freed_memory() if sys.argv[1] == "retain" else None}
+
+def batch():
+    before = libc.mallinfo2()
+    blocks = [libc.malloc(8 << 20) for _ in range(8)]  # 64 MiB, as big as a batch's activations
+    result["mapped"] = libc.mallinfo2().hblks - before.hblks
+    for b in blocks:
+        libc.free(b)
+    result["kept"] = libc.mallinfo2().fordblks - before.fordblks
+
+# On a thread of its own, as the server's executor runs batches.
+thread = threading.Thread(target=batch)
+thread.start()
+thread.join()
+print(json.dumps(result))
 """
 
 
@@ -51,7 +58,9 @@ def test_freed_blocks_stay_in_the_heap_for_the_next_batch():
     retained = _probe("retain")
     assert retained["applied"] is True
     assert retained["mapped"] == 0
-    assert retained["kept"] >= 60 << 20  # all 64 MiB, less what the probe had free before
+    # All 64 MiB, less what the probe had free before. It is more than one 64 MiB heap of a
+    # thread's own arena, which glibc would unmap once emptied: the one shared arena keeps it.
+    assert retained["kept"] >= 60 << 20
 
 
 def test_the_server_sets_malloc_before_loading_the_model():

@@ -12,7 +12,7 @@ from roberta_server.batch import Batch, ClassifySpec, FeatureSpec, Item
 from roberta_server.checkpoints import Checkpoint
 from roberta_server.executor import BUCKETS_PER_OCTAVE, Executor, shape_bucket
 from roberta_server.hub import RobertaHub
-from roberta_server.model import RobertaConfig
+from roberta_server.model import PackedLayout, RobertaConfig
 
 
 def test_shape_buckets_are_few_and_tight():
@@ -83,3 +83,16 @@ def test_padding_rows_leave_real_rows_unchanged(lengths, cfg, tokenizer):
 def test_float32_is_not_padded():
     _, result, _ = _run("float32", [30, 42, 7])
     assert result.computed_tokens == 79
+
+
+def test_equal_lengths_are_packed_side_by_side_and_attended_in_one_call():
+    hub = roberta_server.load("random:tiny", "cpu", "float32")
+    packed = []  # cu_seqlens of each forward pass
+    hub.model.register_forward_pre_hook(lambda _, args: packed.append(args[1]))
+    _, result, items = _run("float32", [9, 3, 9, 3, 5], hub)
+    cu = packed[0]
+    assert (cu[1:] - cu[:-1]).tolist() == [3, 3, 5, 9, 9]
+    spans = PackedLayout.build(cu, 9).spans
+    assert [(s.count, s.length) for s in spans] == [(2, 3), (1, 5), (2, 9)]
+    # Outputs still come back in the batch's own order.
+    assert [out.array.shape[1] for out in result.outputs[::2]] == [9, 9, 5]

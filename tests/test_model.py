@@ -253,25 +253,27 @@ def test_packed_equals_alone_float32(mixed_float32):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_per_sequence_and_padded_attention_agree(dtype):
     """Both ways of running attention without varlen kernels give the same result per sequence."""
-    lengths = [3, 17, 1, 9]
+    lengths = [3, 3, 3, 17, 1, 9, 9]
     cu = cu_seqlens_of(lengths)
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(sum(lengths), 4, 8, generator=gen).to(dtype) for _ in range(3))
     per_seq = PackedLayout.build(cu, max(lengths))
     padded = PackedLayout.build(cu, max(lengths), per_sequence=False)
-    # The first sequence reads 16 keys (a multiple of KEY_BLOCK), 13 of them masked: the next
-    # sequence's rows. The others have no 16-row block left before the end of the batch.
+    # A call per run of equal lengths. Each sequence reads a multiple of KEY_BLOCK keys, the
+    # rows past its own masked (the next sequence's), while there are rows to borrow: the last
+    # run of 9s has no 16-row block left before the end of the batch.
     assert KEY_BLOCK == 16
-    spans = [(s.start, s.end, s.key_end) for s in per_seq.spans]
-    assert spans == [(0, 3, 16), (3, 20, 20), (20, 21, 21), (21, 30, 30)]
+    spans = [(s.start, s.count, s.length, s.keys) for s in per_seq.spans]
+    assert spans == [(0, 3, 3, 16), (9, 1, 17, 32), (26, 1, 1, 16), (27, 2, 9, 9)]
     assert per_seq.spans[0].key_mask.flatten().tolist() == [True] * 3 + [False] * 13
+    assert per_seq.spans[3].key_mask is None
     assert padded.spans is None
     a = layout_attention(q, k, v, per_seq)
     b = layout_attention(q, k, v, padded)
     assert a.shape == q.shape
     assert (a.float() - b.float()).abs().max() < (1e-5 if dtype == torch.float32 else 2e-2)
     # And each equals plain attention over that sequence alone.
-    for start, n in [(0, 3), (3, 17), (21, 9)]:
+    for start, n in zip(cu[:-1].tolist(), lengths, strict=True):
         qi, ki, vi = (x[start : start + n].float().transpose(0, 1) for x in (q, k, v))
         ref = torch.softmax(qi @ ki.transpose(1, 2) / 8**0.5, -1) @ vi
         assert (a[start : start + n].float() - ref.transpose(0, 1)).abs().max() < (

@@ -96,7 +96,7 @@ class Executor:
         # Packed varlen attention costs the sum of lengths; the padded fallback costs B x longest.
         self.varlen = self.device.type == "cuda" and varlen_attn is not None
         self.varlen = self.varlen and hub.dtype != torch.float32
-        # On the CPU attention runs per sequence (model.PackedLayout): no padding.
+        # On the CPU attention runs per run of equal lengths (model.PackedLayout): no padding.
         self.unpadded = self.varlen or self.device.type == "cpu"
         # float32 runs through MKL, which compiles nothing per shape.
         self.shape_buckets = self.device.type == "cpu" and hub.dtype != torch.float32
@@ -190,6 +190,16 @@ class Executor:
     def _forward(self, items: list[Item]) -> list[Output | Exception]:
         if self.fault_injector is not None:
             self.fault_injector(items)
+        # Packed in length order: on the CPU, sequences of equal length side by side share one
+        # attention call (model.key_spans).
+        order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+        outputs = self._forward_packed([items[i] for i in order])
+        in_order: list[Output | Exception] = [None] * len(items)  # type: ignore[list-item]
+        for j, i in enumerate(order):
+            in_order[i] = outputs[j]
+        return in_order
+
+    def _forward_packed(self, items: list[Item]) -> list[Output | Exception]:
         lengths = [len(it.ids) for it in items]
         flat = torch.tensor([t for it in items for t in it.ids], dtype=torch.long)
         bucket = self._graph_bucket(items, lengths)

@@ -3,9 +3,11 @@ two real servers, one of each, get the same requests; and the workers go when th
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import signal
+import threading
 import time
 
 import grpc
@@ -15,7 +17,13 @@ from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from roberta_client.tensors import tensor_to_numpy
 from roberta_server.launcher import ServerProcess
-from roberta_server.tokenize_workers import PROCESS_MIN_TEXTS
+from roberta_server.tokenize_workers import (
+    INLINE_MAX_SIZE,
+    PROCESS_MIN_TEXTS,
+    Preparer,
+    TokenizeWorkers,
+    input_size,
+)
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -23,6 +31,7 @@ pytestmark = pytest.mark.timeout(240)
 WORDS = " ".join(f"zq{i * 7919 % 100003:x}vex" for i in range(3000))
 TEXTS = ["Hello world!", "Emoji 🎉 and CJK 漢字 and accents café.", "a " * 600, WORDS]
 MANY = PROCESS_MIN_TEXTS  # requests of this many texts go to the processes
+MEDIUM = "Hello world! " * 30  # MANY of them are too much to prepare on the event loop
 
 
 def test_tokenizer_pickles_without_its_caches(tokenizer):
@@ -32,6 +41,33 @@ def test_tokenizer_pickles_without_its_caches(tokenizer):
     for text in TEXTS:
         assert copy.encode(text) == tokenizer.encode(text)
     assert copy.cache_info().currsize > 0  # the copy has working caches of its own
+
+
+def test_small_requests_are_prepared_on_the_event_loop(tokenizer):
+    preparer = Preparer(tokenizer, 50265, 512)
+    workers = TokenizeWorkers(preparer, threads=1, processes=0)
+    threads = []
+    prepare = preparer.prepare
+
+    def spy(*args):
+        threads.append(threading.get_ident())
+        return prepare(*args)
+
+    preparer.prepare = spy
+    small = ["Hello world!", [0, 31414, 2]]
+    large = [MEDIUM] * MANY
+    assert input_size(small) <= INLINE_MAX_SIZE < input_size(large)
+
+    async def run() -> int:
+        for inputs in (small, large):
+            await workers.run(inputs, "prepare", inputs, False, False)
+        return threading.get_ident()
+
+    try:
+        loop_thread = asyncio.run(run())
+    finally:
+        workers.shutdown()
+    assert threads[0] == loop_thread != threads[1]
 
 
 def _children(pid: int) -> set[int]:
@@ -74,7 +110,7 @@ def _requests() -> list[tuple[str, object]]:
     pair = pb.Input(pair=pb.TextPair(text="a b", text_pair="c"))
     ids = pb.Input(ids=pb.TokenIds(ids=[0, 31414, 232, 2]))
     cls = pb.FeatureOptions(pooling=pb.POOLING_CLS, encode=pb.EncodeOptions(truncate=True))
-    masked = ["Hello <mask>!"] * MANY
+    masked = ["Hello <mask>! " + MEDIUM] * MANY
     return [
         ("Tokenize", pb.TokenizeRequest(inputs=[*texts, pair])),
         ("Tokenize", pb.TokenizeRequest(inputs=[ids])),  # token ids are refused
@@ -82,7 +118,7 @@ def _requests() -> list[tuple[str, object]]:
         ("ExtractFeatures", pb.ExtractFeaturesRequest(inputs=[ids, ids])),
         ("ExtractFeatures", pb.ExtractFeaturesRequest(inputs=texts)),  # too long, not truncated
         ("Classify", pb.ClassifyRequest(head="mnli", inputs=[texts[0], pair])),
-        ("Classify", pb.ClassifyRequest(head="mnli", inputs=[texts[0]] * MANY)),
+        ("Classify", pb.ClassifyRequest(head="mnli", inputs=[pb.Input(text=MEDIUM)] * MANY)),
         ("FillMask", pb.FillMaskRequest(texts=masked, topk=3)),
         ("FillMask", pb.FillMaskRequest(texts=["Hello <mask>!", *masked, "no mask here"])),
     ]
@@ -173,7 +209,7 @@ def test_tokenizer_processes_default_to_none_on_the_cpu():
 
 def test_a_dead_worker_leaves_tokenization_to_threads():
     many = pb.ExtractFeaturesRequest(
-        inputs=[pb.Input(text=t) for t in TEXTS[:2]] * MANY,
+        inputs=[pb.Input(text=t) for t in (MEDIUM, TEXTS[1])] * MANY,
         options=pb.FeatureOptions(pooling=pb.POOLING_CLS),
     )
     with ServerProcess("--model", "random:tiny", "--tokenizer-processes", "2") as server:

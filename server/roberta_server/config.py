@@ -56,12 +56,15 @@ class ServerConfig:
     )
     max_streams: int = _opt(256, "bidi streams open at once; more get RESOURCE_EXHAUSTED")
     tokenizer_threads: int = _opt(
-        2, "threads that tokenize requests (check token ids only, with processes)"
+        2,
+        "threads that tokenize requests of more than 2,048 characters and token ids (smaller "
+        "ones: on the event loop); with processes, those of fewer than 8 texts",
     )
     tokenizer_processes: int = _opt(
         -1,
-        "worker processes that tokenize requests of 8 or more texts, so the BPE does not hold "
-        "the server's GIL (-1: half the cores, at most 8, on CUDA; none on the CPU)",
+        "worker processes that tokenize requests of 8 or more texts (over 2,048 characters), so "
+        "the BPE does not hold the server's GIL (-1: half the cores, at most 8, on CUDA; none on "
+        "the CPU)",
     )
     shutdown_grace: float = _opt(30.0, "seconds queued work may take to finish on SIGTERM")
     tls_cert: str = _opt("", "PEM certificate chain: serve TLS (with --tls-key)")

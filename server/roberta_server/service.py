@@ -42,7 +42,7 @@ from .hub import RobertaHub
 from .metrics import Metrics
 from .model import NoLMHeadError
 from .scheduler import BULK, INTERACTIVE, DeadlineExceeded, Scheduler, SchedulerConfig, Ticket
-from .tokenize_workers import Input, Prepared, Preparer, TokenizeWorkers, count_texts
+from .tokenize_workers import Input, Prepared, Preparer, TokenizeWorkers
 from .tokenizer import Encoding
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,7 @@ class RobertaService:
 
     async def _prepare(self, inputs: Sequence[Input], truncate: bool, no_sep: bool) -> Prepared:
         self._check_request(len(inputs))
-        prepared = await self.workers.run(count_texts(inputs), "prepare", inputs, truncate, no_sep)
+        prepared = await self.workers.run(inputs, "prepare", inputs, truncate, no_sep)
         self.metrics.tokenize_seconds.observe(prepared.seconds)
         return prepared
 
@@ -188,8 +188,8 @@ class RobertaService:
         if not self.accepting:
             raise NotReady("server is shutting down")
         t0 = time.perf_counter()
-        texts = count_texts([x for _, x in inputs])
-        prepared = await self.workers.run(texts, "prepare_items", inputs, truncate, no_sep)
+        sized = [x for _, x in inputs]
+        prepared = await self.workers.run(sized, "prepare_items", inputs, truncate, no_sep)
         self.metrics.tokenize_seconds.observe(time.perf_counter() - t0)
         return prepared
 
@@ -234,9 +234,7 @@ class RobertaService:
     ) -> tuple[list[Encoding], Usage]:
         self._check_request(len(inputs))
         t0 = time.perf_counter()
-        encs = await self.workers.run(
-            count_texts(inputs), "encode_all", inputs, truncate, no_separator
-        )
+        encs = await self.workers.run(inputs, "encode_all", inputs, truncate, no_separator)
         usage = Usage(
             tokens=sum(len(e.ids) for e in encs),
             truncated=sum(e.truncated for e in encs),
@@ -361,7 +359,7 @@ class RobertaService:
         if not 1 <= topk <= self.mcfg.vocab_size:
             raise InvalidInput(f"topk must be in [1, {self.mcfg.vocab_size}], got {topk}")
 
-        prepared = await self.workers.run(len(texts), "encode_masked", list(texts))
+        prepared = await self.workers.run(texts, "encode_masked", list(texts))
         specs = [
             FillMaskSpec(seq.index(self.tokenizer.mask), topk, text)
             for seq, text in zip(prepared.ids, texts, strict=True)

@@ -96,7 +96,7 @@ class Executor:
         # Packed varlen attention costs the sum of lengths; the padded fallback costs B x longest.
         self.varlen = self.device.type == "cuda" and varlen_attn is not None
         self.varlen = self.varlen and hub.dtype != torch.float32
-        # On the CPU attention runs per run of equal lengths (model.PackedLayout): no padding.
+        # On the CPU attention runs on the sequences' own rows (model.PackedLayout): no padding.
         self.unpadded = self.varlen or self.device.type == "cpu"
         # float32 runs through MKL, which compiles nothing per shape.
         self.shape_buckets = self.device.type == "cpu" and hub.dtype != torch.float32

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pickle
+import re
 import signal
 import threading
 import time
@@ -16,6 +17,7 @@ import pytest
 from roberta_client._proto.roberta.v1 import roberta_pb2 as pb
 from roberta_client._proto.roberta.v1 import roberta_pb2_grpc
 from roberta_client.tensors import tensor_to_numpy
+from roberta_server.errors import InvalidInput
 from roberta_server.launcher import ServerProcess
 from roberta_server.tokenize_workers import (
     INLINE_MAX_SIZE,
@@ -68,6 +70,28 @@ def test_small_requests_are_prepared_on_the_event_loop(tokenizer):
     finally:
         workers.shutdown()
     assert threads[0] == loop_thread != threads[1]
+
+
+def test_model_inputs_get_the_ids_of_the_tokenize_rpc(tokenizer):
+    # Model RPCs tokenize without offsets; they must still get the Tokenize RPC's ids, the same
+    # truncation and the same refusals.
+    preparer = Preparer(tokenizer, 50265, 40)
+    inputs = [*TEXTS[:2], ("Hello world!", "a " * 50), "b " * 39]
+    refused = truncated = 0
+    for truncate in (False, True):
+        for no_sep in (False, True):
+            for x in inputs:
+                try:
+                    enc = preparer.encode_one("inputs[0]", x, truncate, no_sep)
+                except InvalidInput as exc:
+                    with pytest.raises(InvalidInput, match=re.escape(str(exc))):
+                        preparer.prepare([x], truncate, no_sep)
+                    refused += 1
+                    continue
+                prepared = preparer.prepare([x], truncate, no_sep)
+                assert (prepared.ids, prepared.truncated) == ([enc.ids], [enc.truncated])
+                truncated += enc.truncated
+    assert refused == 4 and truncated == 4  # the pair and the 41-token text, each way
 
 
 def _children(pid: int) -> set[int]:

@@ -356,6 +356,7 @@ def test_offsets_over_corpus(tok: Tokenizer, lines: list[str], paragraphs, rando
         enc = tok.encode_with_offsets(text)
         assert enc.ids == tok.encode(text)
         assert not enc.truncated
+        assert tok.encode_with_truncation(text) == (enc.ids, False)
         _check_offsets(tok, [text], enc)
 
 
@@ -479,6 +480,9 @@ def test_truncate_matches_one_at_a_time(tok: Tokenizer, no_separator: bool) -> N
         )
         assert enc.ids == expected
         assert enc.truncated == (kept != counts)
+        assert tok.encode_with_truncation(
+            *texts, no_separator=no_separator, truncate=True, max_positions=limit
+        ) == (expected, kept != counts)
 
 
 def test_truncate_cannot_fit_specials(tok: Tokenizer) -> None:

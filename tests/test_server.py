@@ -311,3 +311,11 @@ def test_health_and_reflection(server):
         )
         names = {s.name for s in reply.list_services_response.service}
         assert "roberta.v1.Roberta" in names and "grpc.health.v1.Health" in names
+
+
+def test_start_up_objects_are_frozen_before_serving(server):
+    # The collector then never walks the model and the tokenizer's tables on the event loop.
+    messages = [r.get("message") for r in server.logs]
+    frozen = messages.index("start-up objects frozen")
+    assert messages.index("warm-up done") < frozen < messages.index("serving")
+    assert server.logs[frozen]["objects"] > 100_000

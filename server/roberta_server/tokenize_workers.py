@@ -192,10 +192,10 @@ def input_size(inputs: Sequence[Input]) -> int:
 # with threads and 0.71 with processes, while requests of 64 texts went from 0.28 to 1.00.
 PROCESS_MIN_TEXTS = 8
 # Requests this small are prepared on the event loop itself: the hop to a thread and back cost
-# more than the work. 2,048 characters take about 0.5 ms once the BPE has seen their words, and
-# up to 7 ms of made-up words: about as long as a tokenizing thread would hold the GIL before
-# the event loop got it back (the 5 ms switch interval). A one-text request of the standard mix
-# has 226 characters on average. On the 2-core CPU, 32 one-text clients were served 1.05x faster
+# more than the work. 2,048 characters take about 0.1 ms once the BPE has seen their words, and
+# 2.6 ms of made-up words: less than a tokenizing thread would hold the GIL before the event
+# loop got it back (the 5 ms switch interval). A one-text request of the standard mix has 226
+# characters on average. On the 2-core CPU, 32 one-text clients were served 1.05x faster
 # in bfloat16 and 1.02x in float32: every hop woke a thread, which took a core from the model.
 INLINE_MAX_SIZE = 2048
 

@@ -720,8 +720,8 @@ def print_report(cfg: BenchConfig, results: dict[str, Any]) -> bool:
             f"(ceiling bursts {bursts} tok/s; items/b: mean sequences per batch; pad: padding "
             "waste from /metrics; busy: model busy time / window; other: CPU cores used by other "
             "jobs on this machine during the phase, i.e. noise; tok/CPU-s: useful tokens per "
-            "CPU-second of the serving process; *: too few replies in the window, rate from the "
-            "server's token counter)"
+            "CPU-second of the serving process; *: rate from the server's token counter, as the "
+            "replies were too few or each carried several texts)"
         )
         idle = r["idle"]
         usage = idle.get("server_usage_ms_p50") or {}

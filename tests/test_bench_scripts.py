@@ -24,3 +24,31 @@ def test_benchmark_script_starts(script):
     )
     assert result.returncode == 0, result.stderr
     assert "usage:" in result.stdout
+
+
+def test_bulk_rates_come_from_the_server_token_counter():
+    sys.path.insert(0, str(BENCH))
+    import loadgen
+
+    gen = loadgen.LoadGen(
+        {"inputs": "texts", "items": [], "lengths": [], "idle_item": "", "idle_length": 0}
+    )
+    before = {"roberta_batch_real_tokens_total": 0.0, "roberta_batches_total": 0.0}
+    after = {"roberta_batch_real_tokens_total": 40_000.0, "roberta_batches_total": 30.0}
+
+    def summary(items_per_request: int) -> dict:
+        spec = loadgen.PhaseSpec("p", items_per_request=items_per_request, duration_s=10.0)
+        col = loadgen.Collector()
+        # Replies in clumps of eight at 1, 4 and 7 s: a reply-based rate of 3,000 tok/s.
+        for t in (1.0, 4.0, 7.0):
+            for k in range(8):
+                col.samples.append(loadgen.Sample(0.0, t + 0.001 * k, 1125, items_per_request))
+        return gen._summarize(spec, col, (0.0, 10.0), before, after)
+
+    bulk = summary(64)
+    assert bulk["rate_source"] == "server metrics"
+    assert bulk["useful_tokens_per_s"] == 4000.0
+    assert bulk["reply_tokens_per_s"] == pytest.approx(3000.0, rel=0.01)
+    # One text per request: the replies count (24 here), unless there are too few of them.
+    assert summary(1)["rate_source"] == "replies"
+    assert loadgen.reply_rate_is_coarse(loadgen.PhaseSpec("p"), loadgen.MIN_REPLIES_FOR_RATE - 1)

@@ -682,9 +682,8 @@ class Tokenizer:
         truncate: bool = False,
         max_positions: int | None = None,
     ) -> tuple[list[int], bool]:
-        """:meth:`encode` and whether truncation cut anything: what the model RPCs need, at a
-        third of the cost of :meth:`encode_with_offsets` (15 against 50 us for a text of the
-        standard mix)."""
+        """:meth:`encode` and whether truncation cut anything, at a third of the cost of
+        :meth:`encode_with_offsets` (15 against 50 us for a text of the standard mix)."""
         segments = [self._text_ids(text)]
         segments.extend(self._text_ids(t) for t in addl)
         fitted = self._check_length(

@@ -119,7 +119,7 @@ def reply_rate_is_coarse(spec: PhaseSpec, replies: int) -> bool:
     """Whether the server's real tokens computed in the window count throughput better than the
     replies do. So with few replies, and with requests of several texts: each completes only
     after several batches, and concurrent ones complete together, so a 40 s window of 64-text
-    requests in float32 held 27 replies in about 7 clumps, and their rate read 9% below the
+    requests in float32 held 27 replies in about 7 clumps, and their rate read 8.5% below the
     server's count (16% in a quick run)."""
     return replies < MIN_REPLIES_FOR_RATE or spec.items_per_request > 1
 

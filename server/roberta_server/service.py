@@ -329,21 +329,23 @@ class RobertaService:
         spec = ClassifySpec(head)
         ticket = await self._run(prepared.ids, [spec] * len(prepared.ids), deadline, priority)
         labels = self.hub.model.head_labels[head]
-        results = []
-        for out, cut in zip(ticket.outputs, prepared.truncated, strict=True):
-            assert isinstance(out, Classification)
-            results.append((*self.classification(out, labels), cut))
+        outs = self.classifications(ticket.outputs, labels)  # type: ignore[arg-type]
+        results = [(*out, cut) for out, cut in zip(outs, prepared.truncated, strict=True)]
         return results, self._usage(prepared, ticket)
 
     @staticmethod
-    def classification(
-        out: Classification, labels: list[str]
-    ) -> tuple[np.ndarray, np.ndarray, int, str]:
-        logits = out.logits.astype(np.float32)
-        shifted = logits - logits.max()
-        log_probs = shifted - np.log(np.exp(shifted).sum())
-        index = int(logits.argmax())
-        return logits, log_probs, index, labels[index] if index < len(labels) else str(index)
+    def classifications(
+        outs: Sequence[Classification], labels: list[str]
+    ) -> list[tuple[np.ndarray, np.ndarray, int, str]]:
+        """Per output: logits, log-probabilities, argmax and its label. In one array for all:
+        per item, numpy's calls cost 12% of a bulk server's event loop."""
+        logits = np.stack([out.logits for out in outs]).astype(np.float32, copy=False)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        return [
+            (logits[j], log_probs[j], i, labels[i] if i < len(labels) else str(i))
+            for j, i in enumerate(logits.argmax(axis=1).tolist())
+        ]
 
     async def fill_mask(
         self,

@@ -581,7 +581,8 @@ class RobertaServicer(roberta_pb2_grpc.RobertaServicer):
                 return ClassifySpec(head)
 
             def result(item_id: str, out, num_tokens: int, cut: bool) -> tuple[object, int]:
-                lg, lp, i, name = service.classification(out, service.hub.model.head_labels[head])
+                labels = service.hub.model.head_labels[head]
+                lg, lp, i, name = service.classifications([out], labels)[0]
                 msg = pb.Classification(
                     logits=lg, log_probs=lp, label_index=i, label=name, truncated=cut
                 )

@@ -31,6 +31,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 HERE = Path(__file__).resolve().parent
@@ -141,13 +142,15 @@ def single_sequence_ms(model: Roberta, device: torch.device, reps: int) -> dict[
     """Median ms of one SINGLE_LENGTH-token sequence, host tokens in, synchronized: an eager
     forward pass and a replay of the CUDA graph the server would use."""
     seq = random_token_seqs([SINGLE_LENGTH], 7)[0]
-    flat = torch.tensor(seq, dtype=torch.long)
-    graphs = EncoderGraphs(model, device, SINGLE_LENGTH)
+    flat = np.array(seq, dtype=np.int64)
+    graphs = EncoderGraphs(model, device, SINGLE_LENGTH, max_sequences=1)
     graphs.capture()
     bucket = graphs.bucket_for([SINGLE_LENGTH])
 
     def eager() -> None:
-        model(flat.to(device), cu_seqlens_of([SINGLE_LENGTH], device), SINGLE_LENGTH)
+        model(
+            torch.from_numpy(flat).to(device), cu_seqlens_of([SINGLE_LENGTH], device), SINGLE_LENGTH
+        )
 
     def replay() -> None:
         graphs.run(flat, [SINGLE_LENGTH], bucket)

@@ -3,16 +3,21 @@ server that replays them on a GPU (skipped without CUDA and varlen attention).""
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import roberta_server
 import torch
 from conftest import build_model, token_seqs
 from roberta_client import RobertaClient
+from roberta_server.config import ServerConfig
 from roberta_server.cuda_graphs import (
+    PAD_SEQUENCE,
     EncoderGraphs,
     bucketed_inputs,
     buckets_up_to,
+    fits,
     slots_for,
 )
 from roberta_server.launcher import ServerProcess
@@ -27,41 +32,83 @@ needs_cuda = pytest.mark.skipif(
 
 
 def test_buckets():
-    assert buckets_up_to(512, 512) == [32, 64, 128, 256, 512]
-    assert buckets_up_to(100, 512) == [32, 64]
-    assert buckets_up_to(4096, 512)[-1] == 512  # positions bound the bucket, not the flag
-    assert buckets_up_to(16, 512) == []
+    assert buckets_up_to(128) == [32, 64, 128]
+    assert buckets_up_to(100) == [32, 64, 100]  # the flag's own size is the last bucket
+    assert buckets_up_to(16) == []
+    fine = buckets_up_to(16384)
+    assert fine[:5] == [32, 64, 128, 256, 288] and fine[-1] == 16384
+    assert len(fine) == 52
+    # Above 256, no bucket is more than 1/8 above the one before it, and all hold whole tokens.
+    assert all(b - a <= a // 8 for a, b in itertools.pairwise(fine[3:]))
+    assert all(b > a for a, b in itertools.pairwise(fine))
+
+
+def _layout(lengths: list[int], bucket: int, max_sequences: int = 256) -> np.ndarray:
+    seqs = token_seqs(lengths, seed=1)
+    flat = np.array([t for s in seqs for t in s], dtype=np.int64)
+    slots = slots_for(bucket, max_sequences)
+    out = np.full(bucket + slots + 1, -7, dtype=np.int64)
+    bucketed_inputs(flat, lengths, bucket, slots, 1, out)
+    assert out[: flat.size].tolist() == flat.tolist()
+    return out
 
 
 def test_bucketed_inputs_layout():
-    lengths = [5, 2, 9]
-    seqs = token_seqs(lengths, seed=1)
-    flat = torch.tensor([t for s in seqs for t in s])
-    tokens, cu = bucketed_inputs(flat, lengths, 32, pad=1)
-    assert tokens.tolist() == flat.tolist() + [1] * 16
+    out = _layout([5, 2, 9], 32)
+    assert out[16:32].tolist() == [1] * 16
     # Real offsets, then the padding sequence (16..32), then empty ones: 17 slots, 18 offsets.
-    assert slots_for(32) == 17
-    assert cu.tolist() == [0, 5, 7, 16] + [32] * 14
-    assert cu.dtype == torch.int32
+    assert slots_for(32, 256) == 17
+    assert out[32:].tolist() == [0, 5, 7, 16] + [32] * 14
+    # Padding over PAD_SEQUENCE tokens forms several sequences: 1,000 tokens in 1,536.
+    out = _layout([500, 500], 1536)
+    cu = out[1536:]
+    assert cu[:7].tolist() == [0, 500, 1000, 1256, 1512, 1536, 1536]
+    assert np.diff(cu).max() <= 512 and np.diff(cu).min() >= 0 and cu[-1] == 1536
+    # Few sequences allowed: the slots follow max_sequences, not the bucket.
+    assert slots_for(16384, 256) == 256 + 16384 // PAD_SEQUENCE
     with pytest.raises(ValueError):
-        bucketed_inputs(torch.zeros(33, dtype=torch.long), [33], 32, pad=1)
+        bucketed_inputs(np.zeros(33, np.int64), [33], 32, 17, 1, np.empty(50, np.int64))
     with pytest.raises(ValueError):  # more sequences than slots (only 1-token ones can be)
-        bucketed_inputs(torch.zeros(17, dtype=torch.long), [1] * 17, 32, pad=1)
+        bucketed_inputs(np.zeros(17, np.int64), [1] * 17, 32, 17, 1, np.empty(50, np.int64))
 
 
-@pytest.mark.parametrize("lengths", [[5, 2, 9], [32], [2] * 16, [30, 2]])
-def test_bucketed_batch_leaves_real_rows_unchanged(lengths):
-    """The padding sequence and the empty ones change nothing for the real tokens (on the CPU,
+def test_batches_fit_the_smallest_bucket_with_room():
+    assert fits([5, 2, 9], 32, 256)
+    assert not fits([20, 20], 32, 256)
+    assert not fits([2] * 5, 32, max_sequences=4)  # 5 real sequences, 4 + 1 slots, 1 for padding
+    assert fits([2] * 4, 32, max_sequences=4)
+
+
+@pytest.mark.parametrize(
+    ("lengths", "bucket"),
+    [([5, 2, 9], 32), ([32], 32), ([2] * 16, 32), ([30, 2], 32), ([300, 200, 7], 1152)],
+)
+def test_bucketed_batch_leaves_real_rows_unchanged(lengths, bucket):
+    """The padding sequences and the empty ones change nothing for the real tokens (on the CPU,
     through the per-sequence attention, which takes the same cu_seqlens as the varlen kernel)."""
     model = build_model(seed=2)
     seqs = token_seqs(lengths, seed=3)
-    flat = torch.tensor([t for s in seqs for t in s])
-    n = flat.numel()
-    tokens, cu = bucketed_inputs(flat, lengths, 32, model.cfg.padding_idx)
+    flat = np.array([t for s in seqs for t in s], dtype=np.int64)
+    n = flat.size
+    slots = slots_for(bucket, 256)
+    layout = np.empty(bucket + slots + 1, dtype=np.int64)
+    bucketed_inputs(flat, lengths, bucket, slots, model.cfg.padding_idx, layout)
+    tokens, cu = torch.from_numpy(layout[:bucket]), torch.from_numpy(layout[bucket:]).int()
     with torch.inference_mode():
-        want = model(flat, cu_seqlens_of(lengths), max(lengths))[model.cfg.num_layers]
-        got = model(tokens, cu, 32)[model.cfg.num_layers][:n]
-    assert torch.allclose(got, want, atol=1e-5)
+        want = model(torch.from_numpy(flat), cu_seqlens_of(lengths), max(lengths))
+        got = model(tokens, cu, min(bucket, model.cfg.max_positions))
+    last = model.cfg.num_layers
+    assert torch.allclose(got[last][:n], want[last], atol=1e-5)
+
+
+def test_cuda_defaults_replay_every_batch_and_shorten_the_gil_switch_interval():
+    cuda = ServerConfig().resolved("cuda")
+    assert cuda.cuda_graph_tokens == cuda.max_batch_tokens == 16384
+    assert cuda.gil_switch_interval_ms == 0.1
+    assert cuda.max_batch_size == 512
+    assert ServerConfig(max_batch_tokens=4096).resolved("cuda").cuda_graph_tokens == 4096
+    assert ServerConfig(cuda_graph_tokens=0).resolved("cuda").cuda_graph_tokens == 0  # off
+    assert ServerConfig().resolved("cpu").gil_switch_interval_ms == 0  # Python's own
 
 
 # ---- on a GPU
@@ -76,28 +123,32 @@ def test_graph_replays_match_eager_and_float32():
     device = torch.device("cuda")
     reference = build_model(seed=4)
     model = build_model(seed=4).to(device=device, dtype=torch.bfloat16)
-    graphs = EncoderGraphs(model, device, 512)
+    graphs = EncoderGraphs(model, device, 2048, max_sequences=64)
     graphs.capture()
     last = model.cfg.num_layers
     gen = torch.Generator().manual_seed(11)
-    # Buckets in an order that reuses the shared memory pool: large, small, large again.
-    for round_ in range(6):
+    # Buckets in an order that reuses the shared memory pool: large, small, large again; the
+    # 2,000-token batches have padding of several sequences and sequences up to 512 tokens.
+    for round_ in range(8):
         count = int(torch.randint(1, 9, (1,), generator=gen))
-        limit = [400, 20, 200, 500, 40, 60][round_]
-        lengths = torch.randint(2, max(3, limit // count), (count,), generator=gen).tolist()
+        limit = [400, 20, 2000, 200, 1300, 500, 40, 60][round_]
+        high = min(max(3, limit // count), model.cfg.max_positions)
+        lengths = torch.randint(2, high + 1, (count,), generator=gen).tolist()
         seqs = token_seqs(lengths, seed=round_)
-        flat = torch.tensor([t for s in seqs for t in s])
+        flat = np.array([t for s in seqs for t in s], dtype=np.int64)
         bucket = graphs.bucket_for(lengths)
         assert bucket is not None and sum(lengths) <= bucket
+        host = torch.from_numpy(flat)
         with torch.inference_mode():
             got = graphs.run(flat, lengths, bucket).clone()
-            eager = model(flat.to(device), cu_seqlens_of(lengths, device), max(lengths))[last]
-            want = reference(flat, cu_seqlens_of(lengths), max(lengths))[last]
+            eager = model(host.to(device), cu_seqlens_of(lengths, device), max(lengths))[last]
+            want = reference(host, cu_seqlens_of(lengths), max(lengths))[last]
         assert got.shape == (sum(lengths), model.cfg.hidden_size)
         assert torch.isfinite(got).all()
         assert _rel(got, eager) < 1e-2, (lengths, bucket)
         assert _rel(got.float().cpu(), want) < 3e-2, (lengths, bucket)
-    assert graphs.bucket_for([300, 300]) is None  # over the largest bucket: eager
+    assert graphs.bucket_for([500] * 5) is None  # over the largest bucket: eager
+    assert graphs.bucket_for([1] * 80) is None  # more sequences than any bucket's slots: eager
 
 
 @needs_cuda
@@ -110,7 +161,10 @@ def test_server_on_cuda_replays_graphs_and_matches_the_cpu():
     with ServerProcess("--model", "random:tiny", "--device", "cuda") as server:
         server.wait_ready()
         captured = server.wait_for("captured CUDA graphs")
-        assert captured["buckets"] == [32, 64, 128, 256, 512]
+        # Every batch the scheduler forms (up to --max-batch-tokens, 16,384 on CUDA) replays.
+        assert captured["largest"] == 16384
+        assert captured["buckets"] == len(buckets_up_to(16384))
+        assert server.wait_for("GIL switch interval set")["ms"] == 0.1
         with RobertaClient(server.target, timeout=60) as client:
             info = client.model_info()
             assert info["dtype"] == "bfloat16" and info["device"].startswith("cuda")
@@ -119,6 +173,14 @@ def test_server_on_cuda_replays_graphs_and_matches_the_cpu():
             together = [f[0] for f in client.extract_features_batch(texts, pooling="cls")]
             per_token = client.extract_features_batch(texts)  # [1, T, H] each
             several = client.extract_features_batch(texts, layers=[0, -1])  # eager: layer 0
-    for got in (alone, together, [f[0, 0] for f in per_token], [f[1, 0] for f in several]):
-        for g, w in zip(got, want, strict=True):
+            # ~1,000 tokens in one batch: a bucket above 512, padding of several sequences.
+            many = [f[0] for f in client.extract_features_batch(texts * 20, pooling="cls")]
+    for got, wanted in (
+        (alone, want),
+        (together, want),
+        ([f[0, 0] for f in per_token], want),
+        ([f[1, 0] for f in several], want),
+        (many, want * 20),
+    ):
+        for g, w in zip(got, wanted, strict=True):
             assert np.linalg.norm(g - w) / np.linalg.norm(w) < 3e-2

@@ -31,7 +31,7 @@ class ServerConfig:
     max_batch_tokens: int = _opt(
         0, "token budget of one forward batch (0: 16384 on CUDA, 2048 on CPU)"
     )
-    max_batch_size: int = _opt(0, "most sequences in one forward batch (0: 256 CUDA, 64 CPU)")
+    max_batch_size: int = _opt(0, "most sequences in one forward batch (0: 512 CUDA, 64 CPU)")
     bulk_batch_tokens: int = _opt(
         0, "token budget of batches with stream items while unary calls are about (0: 1/16 of max)"
     )
@@ -42,9 +42,16 @@ class ServerConfig:
         "answered to send again, so they share the next batch (0: off)",
     )
     cuda_graph_tokens: int = _opt(
-        512,
+        -1,
         "CUDA, half precision: batches of up to this many tokens replay captured graphs, one per "
-        "power-of-two bucket from 32 (0: off)",
+        "bucket of sizes (powers of two from 32 to 256, then 8 per octave; 0: off, -1: up to "
+        "--max-batch-tokens)",
+    )
+    gil_switch_interval_ms: float = _opt(
+        -1.0,
+        "how long a thread may hold Python's GIL while another waits for it (0: Python's 5 ms; "
+        "-1: 0.1 ms on CUDA, where the device thread's many short calls each wait for it, 5 ms "
+        "on the CPU)",
     )
     lookahead: int = _opt(1024, "queued items considered when grouping by length")
     max_items_per_request: int = _opt(1024, "most items in one request")
@@ -89,9 +96,23 @@ class ServerConfig:
         return dataclasses.replace(
             self,
             max_batch_tokens=self.max_batch_tokens or (16384 if cuda else 2048),
-            max_batch_size=self.max_batch_size or (256 if cuda else 64),
+            # On CUDA, batches of 256 items of the standard mix held ~10,000 of the 16,384
+            # tokens: 512 served 64-text requests 1.06-1.19x faster (RoBERTa-large, H200).
+            max_batch_size=self.max_batch_size or (512 if cuda else 64),
+            cuda_graph_tokens=(
+                self.cuda_graph_tokens
+                if self.cuda_graph_tokens >= 0
+                else self.max_batch_tokens or (16384 if cuda else 2048)
+            ),
             bulk_batch_tokens=self.bulk_batch_tokens
             or (self.max_batch_tokens or (16384 if cuda else 2048)) // 16,
+            gil_switch_interval_ms=(
+                self.gil_switch_interval_ms
+                if self.gil_switch_interval_ms >= 0
+                else 0.1
+                if cuda
+                else 0.0
+            ),
             tokenizer_processes=(
                 self.tokenizer_processes
                 if self.tokenizer_processes >= 0

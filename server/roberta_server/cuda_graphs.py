@@ -1,17 +1,25 @@
-"""CUDA graphs of the encoder for small packed batches, one graph per bucket of token counts.
+"""CUDA graphs of the encoder for packed batches, one graph per bucket of token counts.
 
 An eager forward pass of RoBERTa-large launches some 300 kernels, and for a short request the
 launches, not the arithmetic, set the time: 4.6 ms eager against 0.9 ms for a replayed graph for
-one 32-token sequence on an H100 (`../shared/reference/measurements.md`). A graph replays fixed
-shapes, so a batch of n real tokens runs in the graph of the smallest bucket N >= n:
+one 32-token sequence on an H100 (`../shared/reference/measurements.md`). Under load, large
+batches too: each launch releases Python's GIL and must take it back from the event loop, so a
+device thread that makes hundreds of calls a batch waits behind the event loop hundreds of times.
+A replay is one call. With graphs for batches of up to 512 tokens only, a server on an H200
+(RoBERTa-large, 16 clients of 64-text requests) computed at 0.54 of the model's own rate while
+busy; with graphs for every batch (and a 0.1 ms GIL switch interval), at 0.81. A graph replays
+fixed shapes, so a batch of n real tokens runs in the graph of the smallest bucket N >= n:
 
-- the tokens are padded with `<pad>` to N; the padding forms one extra sequence of its own, so no
-  real token attends to it;
-- `cu_seqlens` has N // 2 + 2 entries whatever the batch holds (every sequence has at least `<s>`
-  and `</s>`, so at most N // 2 real sequences, plus the padding one); the unused ones repeat N,
-  which makes empty sequences that the varlen kernel skips;
-- the kernels' longest-sequence bound is N itself (every bucket is <= max_positions), so it holds
-  for any batch in the bucket, the padding sequence included.
+- the buckets are the powers of two from SMALLEST_BUCKET to 256, then 8 per octave (256, 288, 320,
+  ..., 512, 576, ...), so a batch computes at most 1/8 more tokens than it holds (3-4% on bulk
+  batches of the standard mix);
+- the tokens are padded with `<pad>` to N; the padding forms sequences of its own, each at most
+  PAD_SEQUENCE tokens (the positions table ends at max_positions), so no real token attends to
+  it;
+- `cu_seqlens` has a fixed number of slots per bucket: the real sequences (at most
+  `max_sequences`, and at most N // 2 since each holds `<s>` and `</s>`) plus the padding ones;
+  unused slots repeat N, which makes empty sequences that the varlen kernel skips;
+- the kernels' longest-sequence bound is min(N, max_positions), which holds for any batch.
 
 Only the varlen path (CUDA, half precision) can be captured: the padded fallback reads lengths back
 to the host. The graphs keep the last layer only; a batch that asks for other layers runs eagerly.
@@ -23,61 +31,97 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
-from .model import Roberta, cu_seqlens_of
+from .model import Roberta
 
 log = logging.getLogger(__name__)
 
 SMALLEST_BUCKET = 32
+# Above this many tokens buckets grow by 1/8 instead of doubling: replays of large batches cost
+# in proportion to their tokens, padding included.
+FINE_FROM = 256
+FINE_PER_OCTAVE = 8
+PAD_SEQUENCE = 256
 
 
-def buckets_up_to(max_tokens: int, max_positions: int) -> list[int]:
-    """Powers of two from SMALLEST_BUCKET to `max_tokens`, none beyond `max_positions`."""
+def buckets_up_to(max_tokens: int) -> list[int]:
+    """Bucket sizes from SMALLEST_BUCKET to `max_tokens`, which is the last."""
     out, n = [], SMALLEST_BUCKET
-    while n <= min(max_tokens, max_positions):
+    while n < max_tokens:
         out.append(n)
-        n *= 2
-    return out
+        n += n if n < FINE_FROM else (1 << (n.bit_length() - 1)) // FINE_PER_OCTAVE
+    return [*out, max_tokens] if max_tokens >= SMALLEST_BUCKET else []
 
 
-def slots_for(bucket: int) -> int:
-    """Sequences a bucket's cu_seqlens describes: the real ones at most, plus the padding one."""
-    return bucket // 2 + 1
+def pad_sequences(pad: int) -> int:
+    """Sequences the padding of `pad` tokens forms."""
+    return -(-pad // PAD_SEQUENCE)
+
+
+def slots_for(bucket: int, max_sequences: int) -> int:
+    """Sequences a bucket's cu_seqlens describes: the real ones at most, plus the padding ones."""
+    return min(bucket // 2, max_sequences) + pad_sequences(bucket)
+
+
+def fits(lengths: list[int], bucket: int, max_sequences: int) -> bool:
+    n = sum(lengths)
+    return n <= bucket and len(lengths) + pad_sequences(bucket - n) <= slots_for(
+        bucket, max_sequences
+    )
 
 
 def bucketed_inputs(
-    tokens: torch.Tensor, lengths: list[int], bucket: int, pad: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`tokens` ([n] real tokens of sequences of `lengths`) laid out for the graph of `bucket`:
-    [bucket] tokens and [slots_for(bucket) + 1] int32 offsets (see the module docstring)."""
-    n = tokens.numel()
-    if n > bucket or len(lengths) >= slots_for(bucket):
+    tokens: np.ndarray, lengths: list[int], bucket: int, slots: int, pad: int, out: np.ndarray
+) -> None:
+    """Lay `tokens` ([n] real tokens of sequences of `lengths`) out for a graph in `out`:
+    [bucket] tokens, padded, then [slots + 1] offsets (see the module docstring)."""
+    n = tokens.shape[0]
+    pads = [PAD_SEQUENCE] * ((bucket - n) // PAD_SEQUENCE)
+    if (bucket - n) % PAD_SEQUENCE:
+        pads.append((bucket - n) % PAD_SEQUENCE)
+    if n > bucket or len(lengths) + len(pads) > slots:
         raise ValueError(f"{len(lengths)} sequences of {n} tokens do not fit a {bucket} bucket")
-    padded = torch.full((bucket,), pad, dtype=torch.long)
-    padded[:n] = tokens
-    cu = torch.full((slots_for(bucket) + 1,), bucket, dtype=torch.int32)
-    cu[: len(lengths) + 1] = cu_seqlens_of(lengths)
-    return padded, cu
+    out[:n] = tokens
+    out[n:bucket] = pad
+    cu = out[bucket:]
+    cu[0] = 0
+    used = len(lengths) + len(pads)
+    np.cumsum(lengths + pads, out=cu[1 : used + 1])
+    cu[used + 1 :] = bucket
 
 
 @dataclass
 class _Captured:
     graph: torch.cuda.CUDAGraph
-    tokens: torch.Tensor  # static input [bucket]
-    cu_seqlens: torch.Tensor  # static input [slots + 1]
+    inputs: torch.Tensor  # static input: [bucket] tokens, then [slots + 1] offsets (int64)
     out: torch.Tensor  # static output: last layer [bucket, H]
 
 
 class EncoderGraphs:
     """One captured forward pass per bucket; `run` replays the smallest that fits a batch."""
 
-    def __init__(self, model: Roberta, device: torch.device, max_tokens: int):
+    def __init__(self, model: Roberta, device: torch.device, max_tokens: int, max_sequences: int):
         self.model = model
         self.device = device
         self.pad = model.cfg.padding_idx
-        self.buckets = buckets_up_to(max_tokens, model.cfg.max_positions)
+        self.max_sequences = max_sequences
+        # The padding's sequences must fit the positions table (every RoBERTa has 512).
+        self.buckets = buckets_up_to(max_tokens) if model.cfg.max_positions >= PAD_SEQUENCE else []
         self._graphs: dict[int, _Captured] = {}
+        # The inputs of a replay are written here and copied in one transfer.
+        largest = self.buckets[-1] if self.buckets else 0
+        self._host = torch.empty(
+            largest + slots_for(largest, max_sequences) + 1, dtype=torch.long, pin_memory=True
+        )
+        self._host_np = self._host.numpy()
+        self._copied = torch.cuda.Event()
+
+    def _forward(self, inputs: torch.Tensor, bucket: int) -> torch.Tensor:
+        tokens, cu = inputs[:bucket], inputs[bucket:].to(torch.int32)
+        max_len = min(bucket, self.model.cfg.max_positions)
+        return self.model(tokens, cu, max_len)[self.model.cfg.num_layers]
 
     @torch.inference_mode()
     def capture(self) -> None:
@@ -85,43 +129,49 @@ class EncoderGraphs:
         (one device thread), so the buckets can share their activations' memory."""
         started = time.perf_counter()
         pool = torch.cuda.graph_pool_handle()
-        last = self.model.cfg.num_layers
         for bucket in sorted(self.buckets, reverse=True):
-            tokens = torch.full((bucket,), self.pad, dtype=torch.long, device=self.device)
-            cu = torch.full((slots_for(bucket) + 1,), bucket, dtype=torch.int32, device=self.device)
-            cu[0] = 0
+            slots = slots_for(bucket, self.max_sequences)
+            layout = np.empty(bucket + slots + 1, dtype=np.int64)
+            bucketed_inputs(np.empty(0, np.int64), [], bucket, slots, self.pad, layout)
+            inputs = torch.from_numpy(layout).to(self.device)
             # Warm-up passes on a side stream first, as torch.cuda.graph asks: kernel selection
             # and workspace allocation must not happen during capture.
             side = torch.cuda.Stream(self.device)
             side.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.model(tokens, cu, bucket)
+                    self._forward(inputs, bucket)
             torch.cuda.current_stream(self.device).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph, pool=pool):
-                out = self.model(tokens, cu, bucket)[last]
-            self._graphs[bucket] = _Captured(graph, tokens, cu, out)
+                out = self._forward(inputs, bucket)
+            self._graphs[bucket] = _Captured(graph, inputs, out)
         torch.cuda.synchronize(self.device)
         log.info(
             "captured CUDA graphs",
-            extra={"buckets": self.buckets, "seconds": round(time.perf_counter() - started, 3)},
+            extra={
+                "buckets": len(self.buckets),
+                "largest": self.buckets[-1] if self.buckets else 0,
+                "seconds": round(time.perf_counter() - started, 3),
+            },
         )
 
     def bucket_for(self, lengths: list[int]) -> int | None:
         """The smallest captured bucket that holds these sequences, or None (run eagerly)."""
         n = sum(lengths)
-        for bucket in sorted(self._graphs):
-            if n <= bucket and len(lengths) < slots_for(bucket):
+        for bucket in self.buckets:
+            if n <= bucket and bucket in self._graphs and fits(lengths, bucket, self.max_sequences):
                 return bucket
         return None
 
-    def run(self, tokens: torch.Tensor, lengths: list[int], bucket: int) -> torch.Tensor:
+    def run(self, tokens: np.ndarray, lengths: list[int], bucket: int) -> torch.Tensor:
         """Last-layer hidden states [n, H] of the packed host `tokens`, by replaying `bucket`'s
         graph. The result is a view of the graph's static output: read it before the next run."""
         captured = self._graphs[bucket]
-        padded, cu = bucketed_inputs(tokens, lengths, bucket, self.pad)
-        captured.tokens.copy_(padded.pin_memory(), non_blocking=True)
-        captured.cu_seqlens.copy_(cu.pin_memory(), non_blocking=True)
+        size = captured.inputs.numel()
+        self._copied.synchronize()  # the previous replay's inputs have left the host buffer
+        bucketed_inputs(tokens, lengths, bucket, size - bucket - 1, self.pad, self._host_np[:size])
+        captured.inputs.copy_(self._host[:size], non_blocking=True)
+        self._copied.record()
         captured.graph.replay()
-        return captured.out[: tokens.numel()]
+        return captured.out[: tokens.shape[0]]

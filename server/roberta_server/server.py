@@ -12,6 +12,7 @@ import asyncio
 import gc
 import logging
 import signal
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -150,6 +151,9 @@ async def serve(cfg: ServerConfig) -> int:
         hub = load_task.result()
         cfg = cfg.resolved(hub.device.type)
         validate(cfg, hub)
+        if cfg.gil_switch_interval_ms > 0:
+            sys.setswitchinterval(cfg.gil_switch_interval_ms / 1000)
+            log.info("GIL switch interval set", extra={"ms": cfg.gil_switch_interval_ms})
         service = RobertaService(hub, cfg, metrics)
         await service.start()
     except BaseException:

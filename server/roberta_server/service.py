@@ -80,7 +80,7 @@ class RobertaService:
         self.metrics = metrics
         self.tokenizer = hub.tokenizer
         self.mcfg = hub.model.cfg
-        self.executor = Executor(hub, cfg.cuda_graph_tokens)
+        self.executor = Executor(hub, cfg.cuda_graph_tokens, cfg.max_batch_size)
         if cfg.fault_oom_tokens or cfg.fault_poison_id >= 0:
             log.warning("fault injection is on: this server is for testing only")
             self.executor.fault_injector = injected_faults(

@@ -69,7 +69,7 @@ class PhaseSpec:
     requests: int = 0
     source: str = "mix"  # "mix": the standard workload in order; "idle": the one idle item
     # "mix": ExtractFeatures (CLS pooling) and Classify (head mnli) alternately; "features";
-    # "classify"
+    # "classify"; "info": GetModelInfo, which does no model work (the gRPC round trip alone)
     rpc: str = "mix"
     parse: bool = False  # parse replies and collect the server-reported usage timings
     scrape: bool = True  # diff the server's /metrics over the window
@@ -186,7 +186,7 @@ class Target:
         self.channel = grpc.aio.insecure_channel(address, options=opts)
         self.calls = {
             name: self.channel.unary_unary(SERVICE + name)
-            for name in ("ExtractFeatures", "Classify")
+            for name in ("ExtractFeatures", "Classify", "GetModelInfo")
         }
 
     async def close(self) -> None:
@@ -239,6 +239,10 @@ class LoadGen:
         out = []
         for j in range(count):
             idx = [(j * k + i) % len(pool) for i in range(k)]
+            if spec.rpc == "info":
+                payload = pb.GetModelInfoRequest().SerializeToString()
+                out.append(Prebuilt("GetModelInfo", payload, 0, 0))
+                continue
             if spec.rpc == "mix":
                 method = "ExtractFeatures" if j % 2 == 0 else "Classify"
             else:
@@ -263,7 +267,7 @@ class LoadGen:
             return None
         done = time.perf_counter()
         usage = None
-        if spec.parse:
+        if spec.parse and req.method != "GetModelInfo":
             cls = (
                 pb.ExtractFeaturesResponse
                 if req.method == "ExtractFeatures"

@@ -52,3 +52,21 @@ def test_bulk_rates_come_from_the_server_token_counter():
     # One text per request: the replies count (24 here), unless there are too few of them.
     assert summary(1)["rate_source"] == "replies"
     assert loadgen.reply_rate_is_coarse(loadgen.PhaseSpec("p"), loadgen.MIN_REPLIES_FOR_RATE - 1)
+
+
+def test_ab_configurations_and_phases_parse():
+    sys.path.insert(0, str(BENCH))
+    import bench_ab
+
+    name, env, flags = bench_ab.parse_config("old=PYTHONPATH=/x/server:/x/client --dtype float32")
+    assert (name, env, flags) == (
+        "old",
+        {"PYTHONPATH": "/x/server:/x/client"},
+        ["--dtype", "float32"],
+    )
+    assert bench_ab.parse_config("now=") == ("now", {}, [])
+    with pytest.raises(Exception, match="NAME=FLAGS"):
+        bench_ab.parse_config("no-name")
+    assert bench_ab.phase_spec("c64") == {"concurrency": 64, "items_per_request": 64}
+    assert bench_ab.phase_spec("b")["concurrency"] == 32
+    assert bench_ab.phase_spec("f")["rpc"] == "info"

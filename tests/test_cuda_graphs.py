@@ -11,6 +11,15 @@ import roberta_server
 import torch
 from conftest import build_model, token_seqs
 from roberta_client import RobertaClient
+from roberta_server.batch import (
+    Batch,
+    Classification,
+    ClassifySpec,
+    Features,
+    FeatureSpec,
+    FillMaskSpec,
+    Item,
+)
 from roberta_server.config import ServerConfig
 from roberta_server.cuda_graphs import (
     PAD_SEQUENCE,
@@ -20,6 +29,7 @@ from roberta_server.cuda_graphs import (
     fits,
     slots_for,
 )
+from roberta_server.executor import Executor
 from roberta_server.launcher import ServerProcess
 from roberta_server.model import cu_seqlens_of, varlen_attn
 
@@ -184,3 +194,37 @@ def test_server_on_cuda_replays_graphs_and_matches_the_cpu():
     ):
         for g, w in zip(got, wanted, strict=True):
             assert np.linalg.norm(g - w) / np.linalg.norm(w) < 3e-2
+
+
+@needs_cuda
+def test_batches_queued_back_to_back_on_cuda_match_batches_run_alone():
+    """The device thread queues the next batch's replay before it reads the current batch's
+    outputs, and both replay the same graph: the outputs must be gathered first."""
+    hub = roberta_server.load("random:tiny", device="cuda", dtype="bfloat16")
+    solo, executor = Executor(hub, 2048, 64), Executor(hub, 2048, 64)
+    executor.overlap_min_tokens = 0  # these batches are small: queue them ahead all the same
+    solo.graphs.capture()
+    executor.graphs.capture()
+    last = hub.model.cfg.num_layers
+    specs = [
+        FeatureSpec((last,), "cls", "float32"),
+        FeatureSpec((last,), "none", "bfloat16"),
+        ClassifySpec("mnli"),
+        FillMaskSpec(1, 3, "x"),
+    ]
+    batches = [
+        Batch([Item(ids, specs[i % 4]) for i, ids in enumerate(token_seqs([60, 70, 80, 90], k))])
+        for k in range(6)
+    ]  # 300 tokens each: the same bucket every time
+    alone = [solo.run_batch(Batch(list(b.items))) for b in batches]
+    results = [f.result(timeout=120) for f in [executor.submit(b) for b in batches]]
+    executor.shutdown()
+    solo.shutdown()
+    for got, want in zip(results, alone, strict=True):
+        for g, w in zip(got.outputs, want.outputs, strict=True):
+            if isinstance(w, Features):
+                np.testing.assert_array_equal(g.array, w.array)
+            elif isinstance(w, Classification):
+                np.testing.assert_array_equal(g.logits, w.logits)
+            else:
+                assert g.candidates == w.candidates

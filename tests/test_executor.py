@@ -3,6 +3,8 @@ padding rows change nothing for the real ones."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import roberta_server
@@ -10,7 +12,7 @@ import torch
 from conftest import build_model, token_seqs
 from roberta_server.batch import Batch, ClassifySpec, FeatureSpec, Item
 from roberta_server.checkpoints import Checkpoint
-from roberta_server.executor import BUCKETS_PER_OCTAVE, Executor, shape_bucket
+from roberta_server.executor import BUCKETS_PER_OCTAVE, Executor, injected_faults, shape_bucket
 from roberta_server.hub import RobertaHub
 from roberta_server.model import PackedLayout, RobertaConfig
 
@@ -96,3 +98,43 @@ def test_equal_lengths_are_packed_side_by_side_and_attended_in_one_call():
     assert [(s.count, s.length) for s in spans] == [(2, 3), (1, 5), (2, 9)]
     # Outputs still come back in the batch's own order.
     assert [out.array.shape[1] for out in result.outputs[::2]] == [9, 9, 5]
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_batches_submitted_back_to_back_keep_their_order_and_their_failures(ahead):
+    """The device thread may take the next batch before it collects the current one (on CUDA its
+    work is then queued behind the current batch's; on the CPU only when told to): results, calls
+    between batches and a failing batch must come out as if each ran alone."""
+    hub = roberta_server.load("random:tiny", "cpu", "float32")
+    spec = FeatureSpec((hub.model.cfg.num_layers,), "cls", "float32")
+    batches = [
+        Batch([Item(ids, spec) for ids in token_seqs([5 + k, 9, 17], seed=k)]) for k in range(5)
+    ]
+    batches[2].items[1].ids[3] = 777  # this item fails, and only it
+    solo, executor = Executor(hub), Executor(hub)
+    solo.fault_injector = executor.fault_injector = injected_faults(0, poison_id=777)
+    if ahead:
+        executor.overlap_min_tokens = 0
+    alone = [solo.run_batch(Batch(list(b.items))) for b in batches]
+    seen: list[str] = []
+    futures = []
+    started = time.monotonic()
+    for k, batch in enumerate(batches):
+        futures.append(executor.submit(batch))
+        futures[-1].add_done_callback(lambda _, k=k: seen.append(f"batch {k}"))
+        if k == 1:
+            executor.call(lambda: seen.append("call"))
+    results = [f.result(timeout=60) for f in futures]
+    wall = time.monotonic() - started
+    executor.shutdown()
+    assert seen == ["batch 0", "batch 1", "call", "batch 2", "batch 3", "batch 4"]
+    for got, want in zip(results, alone, strict=True):
+        for g, w in zip(got.outputs, want.outputs, strict=True):
+            if isinstance(w, Exception):
+                assert isinstance(g, RuntimeError) and "777" in str(g)
+            else:
+                np.testing.assert_array_equal(g.array, w.array)
+    assert [isinstance(o, Exception) for o in results[2].outputs] == [False, True, False]
+    assert all(isinstance(o, Exception) for o in alone[2].outputs[1:2])
+    # Each moment is counted once, though batches overlap.
+    assert 0 < sum(r.seconds for r in results) <= wall

@@ -129,6 +129,7 @@ def test_batches_submitted_back_to_back_keep_their_order_and_their_failures(ahea
     executor.shutdown()
     assert seen == ["batch 0", "batch 1", "call", "batch 2", "batch 3", "batch 4"]
     for got, want in zip(results, alone, strict=True):
+        assert got.computed_tokens == want.computed_tokens
         for g, w in zip(got.outputs, want.outputs, strict=True):
             if isinstance(w, Exception):
                 assert isinstance(g, RuntimeError) and "777" in str(g)

@@ -93,5 +93,7 @@ class BatchResult:
 
     outputs: list[Output | Exception]
     started: float  # time.monotonic() when the forward pass began
-    seconds: float  # its duration (including retries of split halves after a failure)
+    # Its duration, retries of split halves included; from the previous batch's end where the
+    # two overlapped (batches launched ahead), so each moment counts once.
+    seconds: float
     computed_tokens: int  # tokens the kernels processed, padding included

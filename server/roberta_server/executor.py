@@ -202,12 +202,11 @@ class Executor:
                 started = time.monotonic()
                 collect: Callable[[], list] | Exception
                 try:
-                    collect = self._launch(batch.items)
+                    collect, tokens = self._launch(batch.items)
                 except Exception as exc:  # split and retried when it is collected
-                    collect = exc
+                    collect, tokens = exc, self.computed_tokens(batch.items)
                 if launched is not None:
                     self._collect(launched)
-                tokens = self.computed_tokens(batch.items)
                 launched = _Launched(batch, future, started, tokens, collect)
                 continue
             if launched is not None:  # calls and the stop run after the batch in flight
@@ -270,7 +269,10 @@ class Executor:
         if self.graphs is None:
             return None
         last = self.model.cfg.num_layers
-        if any(isinstance(it.spec, FeatureSpec) and set(it.spec.layers) - {last} for it in items):
+        if any(
+            isinstance(it.spec, FeatureSpec) and any(layer != last for layer in it.spec.layers)
+            for it in items
+        ):
             return None  # the graphs keep the last layer only
         return self.graphs.bucket_for(lengths)
 
@@ -294,12 +296,12 @@ class Executor:
         return self._run_or_split(items[:half]) + self._run_or_split(items[half:])
 
     def _forward(self, items: list[Item]) -> list[Output | Exception]:
-        return self._launch(items)()
+        return self._launch(items)[0]()
 
     @torch.inference_mode()
-    def _launch(self, items: list[Item]) -> Callable[[], list[Output | Exception]]:
-        """Queue a batch's work on the device; the function returned waits for it and gives each
-        item's output, in the items' order."""
+    def _launch(self, items: list[Item]) -> tuple[Callable[[], list[Output | Exception]], int]:
+        """Queue a batch's work on the device. Returns a function that waits for it and gives
+        each item's output, in the items' order, and the tokens the kernels compute."""
         if self.fault_injector is not None:
             self.fault_injector(items)
         # Packed in length order: on the CPU, sequences of equal length side by side share one
@@ -314,8 +316,10 @@ class Executor:
         bucket = self._graph_bucket(packed, lengths)
         if bucket is not None:
             hidden = {self.model.cfg.num_layers: self.graphs.run(flat, lengths, bucket)}
+            tokens = bucket
         else:
             hidden = self._eager(packed, torch.from_numpy(flat), lengths)
+            tokens = self.batch_cost(len(lengths), len(flat), lengths[-1])
         starts = [0]
         for n in lengths:
             starts.append(starts[-1] + n)
@@ -340,7 +344,7 @@ class Executor:
                 in_order[i] = outputs[j]
             return in_order
 
-        return collect
+        return collect, tokens
 
     def _to_device(self, values: list[int] | np.ndarray) -> torch.Tensor:
         """Indices on the device, copied without waiting for the work queued before them."""

@@ -98,7 +98,8 @@ def main() -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--inputs", choices=("text", "ids"), default="text")
     p.add_argument("--config", action="append", type=parse_config, required=True,
-                   help="NAME=FLAGS, the server flags of one configuration (repeatable)")  # fmt: skip
+                   help="NAME=[VAR=VALUE ...] FLAGS: one configuration's environment and server "
+                        "flags (repeatable)")  # fmt: skip
     p.add_argument(
         "--phases",
         default="b,c,e",
@@ -146,6 +147,9 @@ def main() -> int:
                                     **phase_spec(ph), **timing)  # fmt: skip
                     if "cpu" in out:
                         out["cpu"]["server_cores"] = out["cpu"].get(f"{name}_cores")
+                    # Calls cut at the window's end leave a batch running: the next phase,
+                    # on another server, must not share the device with it.
+                    out["settle_s"] = cpu.wait_idle([name])
                     raw[ph][name].append(out)
                     log.info("round %d %s %s: %.0f tok/s, p50 %.2f ms", r, ph, name,
                              out["useful_tokens_per_s"], out["latency_ms"]["p50"] or 0)  # fmt: skip

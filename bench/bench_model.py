@@ -3,9 +3,18 @@
 For each dtype, useful tokens per second (real tokens; padding never counts) of
   (a) ceiling: fixed-shape batches of 16 x 64 with no padding at all;
   (b) padded:  length-sorted batches of <= BUDGET tokens, every sequence padded to the longest
-               of its batch (the padding is computed, not counted);
-  (c) packed:  the same batches packed, run through `Roberta.forward` with cu_seqlens.
-The three run interleaved, batch by batch, so that a noisy machine slows them alike; compare the
+               of its batch (the padding is computed, not counted); with `--arrival N`,
+               batches of N sequences in the order drawn, as N one-text clients give the
+               server;
+  (c) packed:  the same batches packed, run through `Roberta.forward` with cu_seqlens;
+  (d) packed again: each packed batch a second time at once, so its row count has run before;
+  (e) equal rows: each packed batch's rows, in sequences of the ceiling's length (and one
+      shorter sequence for the rest).
+(c) to (e) tell where a packed batch loses against the ceiling: in its row count's first run
+(c against d), in its mixed lengths (d against e), or in having fewer rows (e against a). On
+the CPU in half precision, packed batches are rounded up to the server's row-count buckets
+(`executor.shape_bucket`), as the server does.
+All run interleaved, batch by batch, so that a noisy machine slows them alike; compare the
 ratios inside one run, not absolute figures across runs. Random weights (`random:SIZE` shapes):
 compute does not depend on the values.
 
@@ -44,17 +53,20 @@ except ImportError:  # a source tree that was not pip-installed
 from roberta_server.cpu_memory import retain_freed_memory  # noqa: E402
 from roberta_server.cpu_prepack import prepack_linears  # noqa: E402
 from roberta_server.cuda_graphs import EncoderGraphs  # noqa: E402
+from roberta_server.executor import shape_bucket  # noqa: E402
 from roberta_server.model import SIZES, Roberta, cu_seqlens_of, varlen_attn  # noqa: E402
 from workload import describe, length_sorted_batches, random_token_seqs, standard_lengths  # noqa: E402
 
 log = logging.getLogger("bench_model")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-MODES = ("ceiling", "padded", "packed")
+MODES = ("ceiling", "padded", "packed", "packed_again", "equal_rows")
 LABELS = {
     "ceiling": "fixed shape, no padding (ceiling)",
-    "padded": "length-sorted, padded to longest",
-    "packed": "length-sorted, packed (cu_seqlens)",
+    "padded": "padded to the longest of its batch",
+    "packed": "packed (cu_seqlens)",
+    "packed_again": "the same packed batch again",
+    "equal_rows": "its rows in ceiling-length sequences",
 }
 SINGLE_LENGTH = 32
 # The default ceiling batch (--ceiling), also the stream benchmark's ceiling on the CPU.
@@ -91,14 +103,24 @@ class Runner:
     def __init__(self, model: Roberta, device: torch.device):
         self.model = model
         self.device = device
+        half = next(model.parameters()).dtype != torch.float32
+        self.shape_buckets = device.type == "cpu" and half
+
+    def packed_rows(self, useful: int) -> int:
+        """Rows the server runs for a packed batch of `useful` tokens."""
+        return shape_bucket(useful) if self.shape_buckets else useful
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
     @torch.inference_mode()
-    def run(self, seqs: list[list[int]]) -> float:
-        """Packed forward of `seqs` (equal lengths: a plain dense batch)."""
+    def run(self, seqs: list[list[int]], rows: int = 0) -> float:
+        """Packed forward of `seqs` (equal lengths: a plain dense batch), with a padding
+        sequence that makes it `rows` rows, if that is more."""
+        pad = rows - sum(len(s) for s in seqs)
+        if pad > 0:
+            seqs = [*seqs, [self.model.cfg.padding_idx] * pad]
         lengths = [len(s) for s in seqs]
         flat = torch.tensor([t for s in seqs for t in s], dtype=torch.long, device=self.device)
         cu = cu_seqlens_of(lengths, self.device)
@@ -117,9 +139,11 @@ def pad_to_longest(seqs: list[list[int]], pad: int = 1) -> list[list[int]]:
 def bench_dtype(
     runner: Runner, groups: list[list[list[int]]], ceiling: list[list[int]], seconds: float
 ) -> dict[str, Tally]:
-    """Rounds of (ceiling batch, padded group, packed group) until `seconds` have been spent."""
+    """Rounds of (ceiling batch, padded group, packed group twice, its rows in equal lengths)
+    until `seconds` have been spent."""
     tallies = {mode: Tally() for mode in MODES}
     ceiling_tokens = len(ceiling) * len(ceiling[0])
+    length = len(ceiling[0])
     # Warm-up: first calls allocate and pick kernels.
     runner.run(ceiling)
     runner.run(groups[0][:8])
@@ -130,7 +154,14 @@ def bench_dtype(
         padded = pad_to_longest(group)
         useful = sum(len(s) for s in group)
         tallies["padded"].add(runner.run(padded), useful, len(padded) * len(padded[0]))
-        tallies["packed"].add(runner.run(group), useful, useful)
+        rows = runner.packed_rows(useful)
+        tallies["packed"].add(runner.run(group, rows), useful, rows)
+        tallies["packed_again"].add(runner.run(group, rows), useful, rows)
+        # Exactly the packed batch's rows, so that this row count has run before too.
+        equal = [ceiling[0]] * (rows // length)
+        if rows % length:
+            equal.append(ceiling[0][: rows % length])
+        tallies["equal_rows"].add(runner.run(equal), rows, rows)
         log.debug("round %d: %d sequences, %d useful tokens", i, len(group), useful)
         if time.perf_counter() - started >= seconds:
             break
@@ -183,7 +214,8 @@ def print_table(rows: list[dict], ratios: dict[str, dict[str, float]]) -> None:
     for dtype, ratio in ratios.items():
         print(
             f"{dtype}: packed/ceiling {ratio['packed']:.2f}, padded/ceiling {ratio['padded']:.2f}, "
-            f"packed/padded {ratio['packed'] / ratio['padded']:.2f}"
+            f"packed/padded {ratio['packed'] / ratio['padded']:.2f}; packed again/ceiling "
+            f"{ratio['packed_again']:.2f}, equal rows/ceiling {ratio['equal_rows']:.2f}"
         )
 
 
@@ -196,6 +228,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--budget", type=int, default=2048, help="tokens per padded batch")
+    p.add_argument(
+        "--arrival",
+        type=int,
+        metavar="N",
+        help="batches of N sequences in the order drawn, instead of length-sorted ones",
+    )
     p.add_argument(
         "--ceiling", default=f"{CEILING_BATCH}x{CEILING_LEN}", help="fixed ceiling batch, BxT"
     )
@@ -239,12 +277,21 @@ def main(argv: list[str] | None = None) -> int:
 
     lengths = standard_lengths(args.sequences, args.seed)
     seqs = random_token_seqs(lengths, args.seed)
-    groups = [[seqs[i] for i in g] for g in length_sorted_batches(lengths, args.budget)]
+    if args.arrival:
+        # Packed in length order, as the server's executor packs a batch.
+        groups = [
+            sorted(seqs[i : i + args.arrival], key=len) for i in range(0, len(seqs), args.arrival)
+        ]
+    else:
+        groups = [[seqs[i] for i in g] for g in length_sorted_batches(lengths, args.budget)]
     random.Random(args.seed).shuffle(groups)  # early stopping still samples the whole mix
     ceiling_batch, ceiling_len = args.ceiling
     ceiling = random_token_seqs([ceiling_len] * ceiling_batch, args.seed + 1)
     log.info(
-        "workload: %s in %d batches of <= %d tokens", describe(lengths), len(groups), args.budget
+        "workload: %s in %d batches of %s",
+        describe(lengths),
+        len(groups),
+        f"{args.arrival} sequences" if args.arrival else f"<= {args.budget} tokens",
     )
 
     cfg = SIZES[args.size]
@@ -285,7 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{cfg.num_heads} heads), {device}, {torch.get_num_threads()} threads, "
         f"torch {torch.__version__}{', quick' if args.quick else ''}"
     )
-    print(f"ceiling shape {ceiling_batch}x{ceiling_len}, packed/padded batches <= {args.budget}")
+    batches = f"{args.arrival} sequences in arrival order" if args.arrival else f"<= {args.budget}"
+    print(f"ceiling shape {ceiling_batch}x{ceiling_len}, packed/padded batches {batches}")
     print_table(rows, ratios)
     for name, ms in single.items():
         print(
@@ -304,6 +352,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "seconds_per_dtype": args.seconds,
             "budget_tokens": args.budget,
+            "arrival_batch": args.arrival,
             "ceiling_shape": list(args.ceiling),
             "prepacked_linears": not args.plain_linears,
             "workload": describe(lengths) | {"seed": args.seed, "batches": len(groups)},

@@ -70,3 +70,24 @@ def test_ab_configurations_and_phases_parse():
     assert bench_ab.phase_spec("c64") == {"concurrency": 64, "items_per_request": 64}
     assert bench_ab.phase_spec("b")["concurrency"] == 32
     assert bench_ab.phase_spec("f")["rpc"] == "info"
+
+
+def test_model_bench_counts_rows_as_the_server_runs_them():
+    sys.path.insert(0, str(BENCH))
+    import bench_model
+    import torch
+    from roberta_server.executor import shape_bucket
+    from roberta_server.model import SIZES, Roberta
+
+    model = Roberta(SIZES["tiny"], with_lm_head=False).eval()
+    assert bench_model.Runner(model, torch.device("cpu")).packed_rows(1000) == 1000
+    runner = bench_model.Runner(model.to(torch.bfloat16), torch.device("cpu"))
+    assert runner.packed_rows(1000) == shape_bucket(1000) > 1000
+
+    group = [[0] + [5] * (n - 2) + [2] for n in (7, 30, 30, 41, 90)]  # 198 tokens
+    ceiling = [[0] + [5] * 30 + [2]] * 4  # 4 x 32
+    tallies = bench_model.bench_dtype(runner, [group], ceiling, seconds=0)
+    assert tallies["packed"].useful_tokens == tallies["packed_again"].useful_tokens == 198
+    assert tallies["packed"].computed_tokens == shape_bucket(198)
+    assert tallies["equal_rows"].useful_tokens == shape_bucket(198)  # the packed batch's rows
+    assert tallies["ceiling"].useful_tokens == tallies["ceiling"].computed_tokens == 128
